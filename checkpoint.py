@@ -1,0 +1,234 @@
+"""Stages 18, 23 — the run directory: save, resume, load.
+
+Everything a run needs lives in one directory, `out/<run>/`:
+
+    config.json            how to rebuild the model and the run (human-readable)
+    tokenizer.json|.model  the run's own tokenizer
+    model.safetensors      the latest weights   (what sample / evaluate / cli load)
+    best.safetensors       the weights at the best validation loss
+    checkpoint_latest.pt   the full training state, for `train.py --resume`
+    metrics.jsonl          one JSON object per log or evaluation
+
+Two rules keep it safe. Every write is atomic (a temporary file, fsync, then
+a rename), so killing the process at any instant leaves the previous
+checkpoint whole. And nothing here unpickles arbitrary objects: weights come
+from safetensors, the training state through `torch.load(weights_only=True)`.
+
+New since stage 17: persistence. Run the demo: `python checkpoint.py`
+"""
+import json
+import pickle
+import tempfile
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+
+from bigram_lm import BigramLM
+from bpe_tokenizer import load_tokenizer
+from dataset import atomic_write, atomic_write_bytes
+from transformer import ModelConfig, Transformer
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+BEST_WEIGHTS = "best.safetensors"
+STATE = "checkpoint_latest.pt"
+METRICS = "metrics.jsonl"
+
+
+def resolve_run_dir(path):
+    """A run directory from a directory or any file inside one (e.g. checkpoint_latest.pt)."""
+    path = Path(path)
+    run_dir = path if path.is_dir() else path.parent
+    if not (run_dir / CONFIG).is_file():
+        raise FileNotFoundError(f"{path} is not a run directory (no {CONFIG}): "
+                                f"pass the --out directory of a training run, e.g. out/gpt")
+    return run_dir
+
+
+def model_config_dict(model):
+    """What config.json needs to rebuild `model`."""
+    if isinstance(model, BigramLM):
+        return {"model": "bigram", "vocab_size": model.vocab_size}
+    return {"model": "transformer", **asdict(model.config)}
+
+
+def build_model(model_cfg):
+    """The inverse of `model_config_dict`: an untrained model of the same shape."""
+    fields = dict(model_cfg)
+    kind = fields.pop("model")
+    if kind == "bigram":
+        return BigramLM(fields["vocab_size"])
+    if kind == "transformer":
+        return Transformer(ModelConfig(**fields))
+    raise ValueError(f"unknown model kind {kind!r} in {CONFIG}")
+
+
+def write_json(path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def save_weights(model, path):
+    """Weights as safetensors, atomically; tied weights are stored once."""
+    atomic_write(path, lambda tmp: save_model(model, tmp))
+
+
+def load_weights(model, path, quantization=None):
+    """Load safetensors weights into `model`, strictly (every tensor must match).
+
+    `quantization` (config.json's entry of a quantize.py run) turns stored integers back into floats first.
+    """
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is damaged or not a safetensors file ({e}); "
+                         f"retrain, or resume from checkpoint_latest.pt") from None
+    if quantization:
+        tensors = dequantize_state(tensors, quantization["bits"])
+    state = model.state_dict()
+    for name in state:  # tied weights were stored once: give every alias the stored tensor
+        if name not in tensors:
+            twin = next((n for n in tensors if state[n].data_ptr() == state[name].data_ptr()), None)
+            if twin is not None:
+                tensors[name] = tensors[twin]
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise ValueError(f"{path} does not fit the model in {CONFIG} ({first})") from None
+    return model
+
+
+def save_run_files(run_dir, config, tokenizer, tokenizer_file):
+    """config.json and the tokenizer: written once, at the start of a run."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / CONFIG, config)
+    atomic_write(run_dir / tokenizer_file, tokenizer.save)
+
+
+def save_training_state(run_dir, state):
+    """checkpoint_latest.pt: plain tensors, numbers, strings, lists and dicts only."""
+    atomic_write(Path(run_dir) / STATE, lambda tmp: torch.save(state, tmp))
+
+
+def load_training_state(run_dir):
+    """The training state, loaded without executing any pickled code."""
+    path = Path(run_dir) / STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: nothing to resume; start the run without --resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        reason = str(e).strip().splitlines()[0][:160]
+        raise ValueError(f"{path} is damaged or holds more than plain tensors ({reason}); "
+                         f"delete it to restart the run from model.safetensors") from None
+
+
+def read_config(run_dir):
+    try:
+        return json.loads((Path(run_dir) / CONFIG).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{Path(run_dir) / CONFIG} is not valid JSON ({e})") from None
+
+
+def load_run(path, device="cpu", weights=WEIGHTS):
+    """Rebuild a trained model and its tokenizer from a run directory.
+
+    Returns (model in eval mode on `device`, tokenizer, config dict).
+    """
+    run_dir = resolve_run_dir(path)
+    config = read_config(run_dir)
+    if not (run_dir / weights).is_file():
+        raise FileNotFoundError(f"{run_dir} has no {weights}: the run saved no weights yet; "
+                                f"train it (python train.py --out {run_dir}) or resume it")
+    tokenizer = load_tokenizer(run_dir / config["tokenizer_file"])
+    model = build_model(config["model"])
+    vocab = config["model"]["vocab_size"]
+    if tokenizer.vocab_size != vocab:
+        raise ValueError(f"vocab {vocab} in {CONFIG}, {tokenizer.vocab_size} in {config['tokenizer_file']}: "
+                         f"pass the run's own tokenizer")
+    quantization = config.get("quantization")
+    load_weights(model, run_dir / weights, quantization)
+    if quantization and quantization.get("runtime") == DYNAMIC_INT8:
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"{run_dir} is a dynamic int8 run, which runs on CPU only: pass --device cpu")
+        model = dynamic_int8(model.eval())
+    return model.to(device).eval(), tokenizer, config
+
+
+# --- Quantized runs (made by quantize.py, stage 29) --------------------------------------------
+# quantize.py stores each Linear weight as integers, "<name>" (int8; for 4 bits uint8 holding two
+# values per byte), plus float scales "<name>_scale", and records {"bits", "runtime", ...} under
+# "quantization" in config.json. Loading multiplies them back into float weights, w ≈ q · scale,
+# and, for the "dynamic-int8" runtime, swaps every Linear for torch's int8 one (CPU).
+DYNAMIC_INT8 = "dynamic-int8"
+
+
+def unpack_int4(packed):
+    """uint8 (…, N/2) -> int8 (…, N) in [−8, 7]; each byte holds two values + 8, the first in its low 4 bits.
+
+    unpack_int4(tensor([0x69])) = tensor([1, -2]): low nibble 9 − 8 = 1, high nibble 6 − 8 = −2.
+    """
+    low = (packed & 0x0F).to(torch.int8) - 8
+    high = (packed >> 4).to(torch.int8) - 8
+    return torch.stack([low, high], dim=-1).flatten(-2)  # (…, N/2, 2) -> (…, N)
+
+
+def dequantize(q, scale, bits):
+    """Integers and scales back to float32 weights (out, in): w ≈ q · scale, one scale per group.
+
+    8 bits: q int8 (out, in), scale (out, 1), one group per row (per output channel).
+    4 bits: q packed uint8 (out, in/2), scale (out, in/group_size).
+    """
+    if bits == 4:
+        q = unpack_int4(q)
+    elif bits != 8:
+        raise ValueError(f"bits={bits} in {CONFIG}: quantized runs hold 8 or 4 bits; re-run quantize.py")
+    n_out, n_in = q.shape
+    groups = scale.shape[1]
+    w = q.float().view(n_out, groups, n_in // groups) * scale.float()[:, :, None]  # (out, G, g) · (out, G, 1)
+    return w.view(n_out, n_in)  # (out, G, g) -> (out, in)
+
+
+def dequantize_state(tensors, bits):
+    """Replace every integer tensor and its "_scale" with the float weight they stand for."""
+    for name in [n for n, t in tensors.items() if not t.is_floating_point()]:
+        scale = tensors.pop(name + "_scale", None)
+        if scale is None:
+            raise ValueError(f"{name} is stored as integers without {name}_scale: re-run quantize.py")
+        tensors[name] = dequantize(tensors[name], scale, bits)
+    return tensors
+
+
+def dynamic_int8(model):
+    """Every nn.Linear as torch's dynamic int8 Linear (CPU): int8 weights with one scale per
+    output channel, activations quantized on the fly, the matrix product in int8."""
+    import warnings
+
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
+        return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
+def _demo():
+    from char_tokenizer import CharTokenizer
+
+    tok = CharTokenizer.train("hello world")
+    model = BigramLM(tok.vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = {"model": model_config_dict(model), "tokenizer": "char", "tokenizer_file": "tokenizer.json"}
+        save_run_files(tmp, config, tok, "tokenizer.json")
+        save_weights(model, Path(tmp) / WEIGHTS)
+        loaded, tok2, _ = load_run(tmp)
+        print("files:", sorted(p.name for p in Path(tmp).iterdir()))
+        print("same weights:", torch.equal(loaded.table.weight, model.table.weight))
+
+
+if __name__ == "__main__":
+    _demo()

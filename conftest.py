@@ -1,0 +1,28 @@
+"""Shared test fixtures: the corpora in ../shared/data, skipped when absent."""
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # tiny models: a second thread costs more in contention than it gains
+
+ROOT = Path(__file__).resolve().parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def corpus(name):
+    """Path to a shared corpus (the repo root copy first), or skip the test."""
+    for path in (ROOT / name, SHARED_DATA / name):
+        if path.is_file():
+            return path
+    pytest.skip(f"{name} not available (put it at the repo root or in ../shared/data)")
+
+
+@pytest.fixture
+def shakespeare():
+    return corpus("tiny_shakespeare.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture
+def aozora():
+    return corpus("ja_aozora.txt").read_text(encoding="utf-8")

@@ -1,0 +1,291 @@
+"""Stage 19 — sampling: turning next-token probabilities into text.
+
+A trained model gives, at each step, logits over the vocabulary. How we pick
+the next token from them shapes the text: always the most likely (greedy,
+temperature 0) repeats itself; sampling from the full distribution wanders.
+The rules below, each a small pure function on a logits vector, are applied
+in this order:
+
+    1. repetition penalty  (the CTRL rule: seen tokens' positive logits ÷ p, negative × p)
+    2. temperature         (logits ÷ t; t = 0 means greedy)
+    3. top-k               (keep the k largest logits)
+    4. top-p, "nucleus"    (keep the smallest set whose probability reaches p)
+
+`generate` runs the loop with a KV cache by default: the prompt is processed
+once (prefill), then each step feeds only the newest token.
+
+New since stage 18: the trained run is put to use. Run it:
+
+    python sample.py --model-checkpoint out/gpt --prompt "ROMEO:" --max-new-tokens 300
+    python sample.py --model-checkpoint out/gpt --num-samples 3 --stop "\n\n" --temperature 0.8 --top-p 0.9
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from bpe_tokenizer import StreamDecoder
+from checkpoint import load_run
+
+# Shapes: B batch, T time, V vocabulary.
+
+
+def apply_repetition_penalty(logits, context, penalty):
+    """Make tokens already in `context` less likely (penalty > 1) or more (< 1).
+
+    logits (B, V), context (B, T) ids. Example with penalty 2: a seen token's
+    logit 3.0 becomes 1.5 and −1.0 becomes −2.0; unseen tokens are untouched.
+    """
+    if penalty == 1.0 or context.numel() == 0:
+        return logits
+    seen = torch.gather(logits, 1, context)  # (B, T) the logits of the tokens in the context
+    seen = torch.where(seen > 0, seen / penalty, seen * penalty)
+    return logits.scatter(1, context, seen)  # a token seen twice is penalised once
+
+
+def apply_top_k(logits, k):
+    """Keep the k largest logits of each row, the rest −inf; k ≥ V keeps all."""
+    if k is None or k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1) the k-th largest value
+    return logits.masked_fill(logits < kth, float("-inf"))  # ties with the k-th are kept
+
+
+def apply_top_p(logits, p):
+    """Nucleus: keep the smallest set of most likely tokens whose probability reaches p.
+
+    logits (B, V) -> (B, V). The token whose probability crosses p is kept, so at
+    least one token always survives, and tokens tied with the last kept one are
+    kept too (as in top-k). Example: probabilities (0.5, 0.3, 0.2) with p = 0.6
+    keep the first two: 0.5 alone falls short, 0.5 + 0.3 reaches 0.6.
+    """
+    if p is None or p >= 1.0:
+        return logits
+    sorted_logits = torch.sort(logits, dim=-1, descending=True).values  # (B, V)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs  # probability mass strictly before each token
+    n_keep = (before < p).sum(dim=-1, keepdim=True)  # (B, 1), ≥ 1 because before[0] = 0 < p
+    cutoff = sorted_logits.gather(1, n_keep - 1)  # (B, 1) the logit of the last kept token
+    return logits.masked_fill(logits < cutoff, float("-inf"))
+
+
+def next_token(logits, context, *, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+               generator=None):
+    """Pick one token per row: logits (B, V) at the last position, context (B, T) -> ids (B,).
+
+    The rules run in the order of the module docstring; temperature 0 is greedy
+    (argmax after the repetition penalty; top-k and top-p cannot change an argmax).
+    """
+    logits = apply_repetition_penalty(logits.float(), context, repetition_penalty)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = apply_top_p(apply_top_k(logits / temperature, top_k), top_p)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B, 1) -> (B,)
+
+
+def check_sampling_args(temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0):
+    """ValueError for settings that have no meaning, naming the valid range."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top-p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top-k must be >= 0 (0 means off), got {top_k}")
+    if repetition_penalty <= 0:
+        raise ValueError(f"repetition penalty must be > 0 (1 means off), got {repetition_penalty}")
+
+
+def context_window(model):
+    """How many past tokens the model can attend to (a bigram model looks at one)."""
+    config = getattr(model, "config", None)
+    return config.block_size if config is not None else 1
+
+
+def new_cache(model, batch_size):
+    """A KV cache on the model's device and dtype (read from the embedding, never quantized)."""
+    p = next(model.parameters())
+    return model.new_kv_cache(batch_size, device=p.device, dtype=p.dtype)
+
+
+@torch.no_grad()
+def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
+    """Yield the next ids (B,) one step at a time: the one generation loop.
+
+    With the cache, the prompt is read once (prefill) and each later step feeds
+    only the newest token. The cache holds block_size positions; when it is full
+    we rebuild it from the newest 3/4 of the window and carry on: one prefill every
+    block_size/4 tokens instead of a full recomputation at every step. (Until the
+    first refill, the tokens are exactly those of the no-cache path.)
+    """
+    if idx.size(1) == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    window = context_window(model)
+    use_cache = kv_cache and hasattr(model, "new_kv_cache")
+    keep = max(1, window - window // 4)
+    cache, pending = None, idx[:, -window:]
+    for _ in range(max_new_tokens):
+        if not use_cache:
+            logits, _ = model(idx[:, -window:])  # recompute everything, context cropped to the window
+        else:
+            if cache is None or cache.length == window:
+                if cache is not None:  # full: slide the window
+                    pending = idx[:, -keep:]
+                cache = new_cache(model, idx.size(0))
+            logits, _ = model(pending, cache=cache)  # (B, T) -> (B, T, V): prefill, then one token per step
+        new = next_token(logits[:, -1, :], idx, **rules)  # (B,)
+        idx = torch.cat([idx, new[:, None]], dim=1)  # (B, T) -> (B, T+1)
+        pending = new[:, None]
+        yield new
+
+
+def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
+             stop_ids=None, generator=None, kv_cache=True):
+    """Continue every row of `idx` (B, T) by up to `max_new_tokens`; returns (B, T + new).
+
+    A batch holds prompts of equal length (no padding: pad-free batching is what
+    makes the rows independent). A row that emits a stop id repeats that id from
+    then on; the loop ends when every row has stopped.
+    """
+    check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+    stop = torch.tensor(sorted(stop_ids or []), dtype=torch.long, device=idx.device)
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    out = [idx]
+    for new in _steps(model, idx, max_new_tokens, kv_cache=kv_cache, temperature=temperature, top_k=top_k,
+                      top_p=top_p, repetition_penalty=repetition_penalty, generator=generator):
+        new = torch.where(done, out[-1][:, -1], new)  # a stopped row repeats its stop id
+        out.append(new[:, None])
+        done |= torch.isin(new, stop)
+        if done.all():
+            break
+    return torch.cat(out, dim=1)
+
+
+def stream_generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
+                    repetition_penalty=1.0, stop_ids=None, generator=None, kv_cache=True):
+    """Like `generate` for one prompt idx (1, T), yielding each new id as an int as soon as it is made."""
+    check_sampling_args(temperature, top_k, top_p, repetition_penalty)
+    if idx.size(0) != 1:
+        raise ValueError(f"stream_generate takes one prompt, got a batch of {idx.size(0)}: use generate")
+    stop = set(stop_ids or [])
+    for new in _steps(model, idx, max_new_tokens, kv_cache=kv_cache, temperature=temperature, top_k=top_k,
+                      top_p=top_p, repetition_penalty=repetition_penalty, generator=generator):
+        token = int(new[0])
+        yield token
+        if token in stop:
+            return
+
+
+def prompt_ids(tok, prompt):
+    """Prompt ids; an empty prompt starts from BOS, or from a newline where there is no BOS."""
+    ids = tok.encode(prompt) if prompt else ([tok.bos_id] if tok.bos_id is not None else tok.encode("\n"))
+    return ids
+
+
+def held_back(text, stop_text):
+    """How many trailing characters of `text` could be the start of `stop_text`.
+
+    held_back("to be\n", "\n\n") = 1: that newline may begin the stop text.
+    """
+    for n in range(min(len(text), len(stop_text) - 1), 0, -1):
+        if text.endswith(stop_text[:n]):
+            return n
+    return 0
+
+
+def stream_text(model, tok, prompt, max_new_tokens, stop_text=None, **kwargs):
+    """Yield printable pieces of the continuation of `prompt`, ending before `stop_text` or EOS.
+
+    Text that may be the beginning of `stop_text` is held back until it is known
+    not to be, so no part of the stop text is ever printed.
+    """
+    decoder = StreamDecoder(tok)
+    idx = torch.tensor([prompt_ids(tok, prompt)], dtype=torch.long, device=next(model.parameters()).device)
+    stop_ids = [tok.eos_id] if tok.eos_id is not None else []
+    pending = ""  # decoded text not yet yielded
+    for token in stream_generate(model, idx, max_new_tokens, stop_ids=stop_ids, **kwargs):
+        if token in stop_ids:
+            break
+        pending += decoder.push(token)
+        if stop_text:
+            cut = pending.find(stop_text)
+            if cut >= 0:
+                yield pending[:cut]
+                return
+            ready = len(pending) - held_back(pending, stop_text)
+        else:
+            ready = len(pending)
+        if ready:
+            yield pending[:ready]
+            pending = pending[ready:]
+    pending += decoder.flush()
+    yield pending[:pending.find(stop_text)] if stop_text and stop_text in pending else pending
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Generate text from a trained run.")
+    p.add_argument("--model-checkpoint", "--run", dest="run", default="out/gpt",
+                   help="run directory or a file in it (default: %(default)s)")
+    p.add_argument("--prompt", default="", help="text to continue (default: a newline, or BOS)")
+    p.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
+    p.add_argument("--max-new-tokens", type=int, default=300, help="tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default: %(default)s)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (default: off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus probability in (0, 1] (default: off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats "
+                   "(default: %(default)s)")
+    p.add_argument("--num-samples", type=int, default=1, help="independent samples (default: %(default)s)")
+    p.add_argument("--stop", default=None, help='stop at this text, e.g. "\\n\\n" (escapes allowed)')
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | mps (default: %(default)s)")
+    p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every step")
+    return p
+
+
+def read_prompt(args):
+    """The prompt from --prompt or --prompt-file (not both)."""
+    if not args.prompt_file:
+        return args.prompt
+    if args.prompt:
+        raise ValueError("give --prompt or --prompt-file, not both")
+    try:
+        return Path(args.prompt_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{args.prompt_file} is not UTF-8 text: save it as UTF-8") from None
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        check_sampling_args(args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+        if args.max_new_tokens < 0:
+            raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+        if args.num_samples < 1:
+            raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+        prompt = read_prompt(args)
+        model, tok, _ = load_run(args.run, device=args.device)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    stop = args.stop.replace("\\n", "\n").replace("\\t", "\t") if args.stop else None
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    try:
+        for i in range(args.num_samples):
+            if args.num_samples > 1:
+                print(f"--- sample {i + 1} ---")
+            sys.stdout.write(prompt)
+            for piece in stream_text(model, tok, prompt, args.max_new_tokens, stop_text=stop,
+                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                     repetition_penalty=args.repetition_penalty, generator=generator,
+                                     kv_cache=not args.no_kv_cache):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            print()
+    except KeyboardInterrupt:
+        print()
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

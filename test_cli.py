@@ -1,0 +1,133 @@
+"""The chat, driven as a person would: through a pipe, a pseudo-terminal (Ctrl-C, Ctrl-D), and in Japanese."""
+import io
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import cli
+from bigram_lm import BigramLM
+from char_tokenizer import CharTokenizer
+from checkpoint import WEIGHTS, load_run, model_config_dict, save_run_files, save_weights
+from transformer import ModelConfig, Transformer
+
+ROOT = Path(__file__).resolve().parent
+
+
+def write_run(run_dir, model, tok):
+    config = {"model": model_config_dict(model), "tokenizer": "char", "tokenizer_file": "tokenizer.json"}
+    save_run_files(run_dir, config, tok, "tokenizer.json")
+    save_weights(model, run_dir / WEIGHTS)
+    return run_dir
+
+
+@pytest.fixture
+def run(tmp_path):
+    torch.manual_seed(0)
+    tok = CharTokenizer.train("to be or not to be\n")
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32))
+    return write_run(tmp_path / "run", model, tok)
+
+
+def chat_command(run, *flags):
+    return [sys.executable, str(ROOT / "cli.py"), str(run), *flags]
+
+
+def test_two_prompts_temp_reset_and_eof_through_a_pipe(run):
+    lines = "/temp 0\nto be\nor not\n/reset\nto be\n/top-p 2\n/nope\n"
+    result = subprocess.run(chat_command(run, "--max-new-tokens", "12", "--stop", ""), input=lines,
+                            capture_output=True, text=True, encoding="utf-8", timeout=60)
+    assert result.returncode == 0, result.stderr
+    header, *replies = result.stdout.split("> ")  # one reply per line read; the prompt is not echoed by a pipe
+    assert "context 32 tokens" in header
+    assert replies[0] == "temperature = 0.0\n"
+    first, second, reset, again = replies[1:5]
+    assert len(first) == 13 and len(second) == 13  # 12 one-character tokens and a newline each
+    assert reset == "(conversation forgotten)\n"
+    assert again == first  # greedy from the same fresh context: /reset forgot the earlier turns
+    assert replies[5].startswith("not changed: top-p must be in (0, 1]")
+    assert replies[6].startswith("unknown command /nope")
+    assert replies[7] == "\n"  # EOF (Ctrl-D) ends the program cleanly
+
+
+class Terminal:
+    """The parent's end of a pseudo-terminal: expect(text) reads on until `text` appears past the last match."""
+
+    def __init__(self, fd):
+        self.fd, self.seen, self.pos = fd, bytearray(), 0
+
+    def expect(self, text, min_bytes=0, timeout=30):
+        deadline = time.monotonic() + timeout
+        while (at := self.seen.find(text.encode(), self.pos)) < 0 or len(self.seen) - self.pos < min_bytes:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} within {timeout}s; got {bytes(self.seen[self.pos:])[-300:]!r}")
+            if select.select([self.fd], [], [], 0.5)[0]:
+                self.seen += os.read(self.fd, 4096)
+        self.pos = at + len(text)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
+def test_ctrl_c_stops_the_answer_not_the_program(run):
+    import pty
+
+    pid, fd = pty.fork()  # the child gets a terminal: Ctrl-C (byte 3) becomes SIGINT, Ctrl-D (byte 4) EOF
+    if pid == 0:
+        os.execv(sys.executable, chat_command(run, "--max-new-tokens", "1000000", "--stop", ""))
+    term, status = Terminal(fd), None
+    try:
+        term.expect("> ")
+        os.write(fd, b"to be\n")
+        term.expect("to be", min_bytes=400)  # the echo, then the endless answer streaming
+        os.write(fd, b"\x03")
+        term.expect("[stopped]")
+        term.expect("> ")
+        os.write(fd, b"/max 5\n")
+        term.expect("max_new_tokens = 5")
+        os.write(fd, b"or not\n")
+        term.expect("> ")
+        os.write(fd, b"\x04")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        if status is None:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        os.close(fd)
+
+
+def test_japanese_in_and_out(tmp_path, monkeypatch, capsys):
+    tok = CharTokenizer.train("吾輩は猫である。名前はまだ無い。\n")
+    model = BigramLM(tok.vocab_size)
+    with torch.no_grad():  # a bigram that surely continues a line with "である。"
+        model.table.weight.fill_(-10.0)
+        for a, b in zip("\nである", "である。"):
+            model.table.weight[tok.encode(a)[0], tok.encode(b)[0]] = 10.0
+    run = write_run(tmp_path / "ja", model, tok)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/temp 0\n吾輩は猫\n"))
+    cli.main([str(run), "--stop", "。"])
+    assert capsys.readouterr().out.endswith("> temperature = 0.0\n> である\n> \n")
+
+
+def test_context_keeps_recent_turns_within_block_size(run):
+    model, tok, _ = load_run(run)
+    chat = cli.Chat(model, tok, cli.Settings(temperature=0, max_new_tokens=4))
+    for i in range(6):
+        chat.answer("to be" if i % 2 else "or not", lambda text: None)
+    before = list(chat.turns)
+    context = chat.context("to be")
+    kept = len(chat.turns)
+    assert 1 <= kept < 6 and chat.turns == before[-kept:]  # the oldest turns went first
+    assert context == "".join(chat.turns) + "to be\n" and len(tok.encode(context)) <= 32
+    assert len(tok.encode(before[-kept - 1] + context)) > 32  # the newest dropped turn did not fit
+
+
+def test_bad_flags_exit_2(run, capsys):
+    for flags in (["--temperature", "-1"], ["--max-new-tokens", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([str(run), *flags])
+        assert exit_info.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1

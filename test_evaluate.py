@@ -1,0 +1,50 @@
+import math
+
+import pytest
+import torch
+
+import evaluate
+import train
+from bigram_lm import BigramLM
+from checkpoint import load_run
+from evaluate import score, windows
+
+
+@pytest.mark.parametrize("n, T, stride", [(10, 4, 4), (101, 8, 8), (101, 8, 3), (9, 8, 8), (50, 16, 1), (5, 16, 4)])
+def test_windows_score_every_target_exactly_once(n, T, stride):
+    scored = []
+    for start, end, first_new in windows(n, T, stride):
+        assert end - start == min(T, n - 1)
+        scored += [t for t in range(start + 1, end + 1) if t > first_new]
+    assert scored == list(range(1, n))
+
+
+def test_score_equals_the_sum_of_per_token_losses():
+    torch.manual_seed(0)
+    model = BigramLM(7)
+    ids = torch.randint(7, (200,), dtype=torch.int32)
+    logp = torch.log_softmax(model.table.weight, dim=-1)
+    by_hand = -sum(logp[a, b].item() for a, b in zip(ids[:-1].tolist(), ids[1:].tolist()))
+    for stride in (None, 5):
+        total, count = score(model, ids, block_size=16, stride=stride, batch_size=4)
+        assert count == 199 and total == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_sliding_window_is_no_worse_and_cli_prints_all_metrics(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    text = "".join(f"line {i % 17} of the song goes la la {i % 5}\n" for i in range(600))
+    (tmp_path / "t.txt").write_text(text)
+    train.run(["--data", "t.txt", "--out", "run", "--block-size", "32", "--batch-size", "16", "--n-layer", "2",
+               "--n-head", "2", "--n-embd", "32", "--steps", "150", "--lr", "3e-3", "--eval-interval", "150",
+               "--eval-iters", "2"])
+    model, tok, config = load_run("run")
+    held = evaluate.split_of(config, "test")
+    plain = evaluate.evaluate_text(model, tok, held, 32)
+    sliding = evaluate.evaluate_text(model, tok, held, 32, stride=8)
+    assert sliding["loss"] <= plain["loss"]
+    assert plain["bits_per_char"] == pytest.approx(plain["loss"] * plain["tokens"] / plain["chars"] / math.log(2))
+    capsys.readouterr()
+    evaluate.main(["run", "--split", "test"])
+    out = capsys.readouterr().out
+    assert all(word in out for word in ("loss", "perplexity", "bits/char"))
+    assert (tmp_path / "run" / "samples.txt").read_text().count("### prompt") == 3

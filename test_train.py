@@ -1,0 +1,122 @@
+"""The command lines end to end: train.py and sample.py, in subprocesses and in-process."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from checkpoint import load_run
+
+ROOT = Path(__file__).resolve().parent
+TEXT = "".join(f"{w} " for w in ("to be or not to be that is the question whether tis nobler in the mind "
+                                  "to suffer the slings and arrows of outrageous fortune ").split()) * 40
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def one_clean_line(result):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "sjis.txt").write_bytes("こんにちは".encode("shift_jis"))
+    (tmp_path / "short.txt").write_text("abc " * 20)
+    train_py, sample_py = str(ROOT / "train.py"), str(ROOT / "sample.py")
+    cases = [
+        ([train_py, "--data", "missing.txt"], "not found"),
+        ([train_py, "--data", "empty.txt"], "empty"),
+        ([train_py, "--data", "sjis.txt"], "not UTF-8"),
+        ([train_py, "--data", "short.txt", "--block-size", "64"], "fewer than one block"),
+        ([train_py, "--preset", "nope"], "unknown preset"),
+        ([sample_py, "--model-checkpoint", "out/none"], "not a run directory"),
+        ([sample_py, "--temperature", "-1"], "temperature"),
+        ([sample_py, "--top-p", "0"], "top-p"),
+    ]
+    for args, message in cases:
+        assert message in one_clean_line(cli(*args, cwd=tmp_path)), args
+
+
+def run_train(tmp_path, *extra):
+    return train.run(["--data", str(tmp_path / "text.txt"), "--out", str(tmp_path / "run"),
+                      "--block-size", "16", "--batch-size", "8", "--n-layer", "1", "--n-head", "2", "--n-embd", "32",
+                      "--eval-iters", "2", "--log-interval", "1", *extra])
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_short_training_run_lowers_val_loss_and_writes_the_run(tmp_path, corpus, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, "--steps", "60", "--eval-interval", "30", "--lr", "3e-3")
+    run = tmp_path / "run"
+    assert {"config.json", "tokenizer.json", "model.safetensors", "best.safetensors",
+            "checkpoint_latest.pt", "metrics.jsonl"} <= {p.name for p in run.iterdir()}
+    val = [r["val_loss"] for r in metrics(run) if "val_loss" in r]
+    assert len(val) == 2 and val[1] < val[0] < 3.5
+    model, tok, config = load_run(run)
+    assert config["args"]["steps"] == 60 and tok.vocab_size == model.config.vocab_size
+
+
+def test_resume_continues_exactly(tmp_path, corpus, monkeypatch):
+    """A run interrupted at step 7 (Ctrl-C) and resumed matches an uninterrupted run bit for bit."""
+    monkeypatch.chdir(tmp_path)
+    args = ("--steps", "14", "--eval-interval", "5", "--warmup-steps", "3", "--lr", "3e-3", "--dropout", "0.1")
+    run_train(tmp_path, *args)
+    straight = metrics(tmp_path / "run")
+    real_get_batch, calls = train.get_batch, {"n": 0}
+
+    def interrupting_get_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return real_get_batch(*a, **k)
+
+    monkeypatch.setattr(train, "get_batch", interrupting_get_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(tmp_path, *args)
+    monkeypatch.setattr(train, "get_batch", real_get_batch)
+    train.run(["--resume", str(tmp_path / "run")])
+    resumed = metrics(tmp_path / "run")
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight]
+    for a, b in zip(straight, resumed):
+        assert a.get("train_loss") == b.get("train_loss") and a.get("val_loss") == b.get("val_loss"), (a, b)
+
+
+def test_sample_is_reproducible_and_streams(tmp_path, corpus, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, "--steps", "20", "--eval-interval", "20")
+    def sample(seed):
+        return cli(str(ROOT / "sample.py"), "--model-checkpoint", "run/checkpoint_latest.pt", "--max-new-tokens",
+                   "40", "--seed", str(seed), "--prompt", "to be", cwd=tmp_path)
+
+    first, second, other = sample(3), sample(3), sample(4)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout == second.stdout and first.stdout.startswith("to be")
+    assert len(first.stdout) > len("to be") + 10
+    assert other.stdout != first.stdout
+
+
+def test_bigram_recipe_runs(tmp_path, corpus, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    state = train.run(["--model", "bigram", "--data", str(corpus), "--out", "bigram", "--block-size", "16",
+                       "--batch-size", "16", "--steps", "150", "--eval-interval", "150", "--eval-iters", "4"])
+    assert state.best_val < 2.5
+    model, _, _ = load_run(tmp_path / "bigram")
+    assert model.table.weight.shape[0] == model.table.weight.shape[1]

@@ -1,0 +1,122 @@
+import json
+import math
+
+import pytest
+import torch
+
+from bigram_lm import BigramLM
+from training_loop import TrainConfig, TrainingDiverged, estimate_loss, lr_at, make_optimizer, step_progress, train_loop
+
+
+def cosine_by_hand(step, lr, min_lr, warmup, total):
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    ratio = (step - warmup) / (total - warmup)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+@pytest.mark.parametrize("step", [0, 50, 99, 100, 101, 550, 1000, 1999, 2000])
+def test_warmup_and_cosine_schedule_match_the_formula(step):
+    cfg = TrainConfig(steps=2000, lr=1e-3, min_lr=1e-4, warmup_steps=100)
+    expected = cosine_by_hand(step, 1e-3, 1e-4, 100, 2000)
+    assert lr_at(step, step_progress(step, cfg), cfg) == pytest.approx(expected, rel=1e-12)
+
+
+def test_schedule_endpoints_and_time_mode():
+    cfg = TrainConfig(steps=10, lr=1e-3, min_lr=1e-4, warmup_steps=0)
+    assert lr_at(0, 0.0, cfg) == pytest.approx(1e-3)
+    assert lr_at(5, 0.5, cfg) == pytest.approx(5.5e-4)
+    assert lr_at(9, 1.0, cfg) == pytest.approx(1e-4)
+    assert lr_at(9, 3.0, cfg) == pytest.approx(1e-4)  # past the time budget: stays at the floor
+
+
+def test_weight_decay_only_on_matrices():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = make_optimizer(model, TrainConfig(weight_decay=0.1))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and [p.shape for p in decay["params"]] == [(4, 4)]
+    assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3  # bias, norm weight, norm bias
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="--min-lr"):
+        TrainConfig(lr=1e-3, min_lr=1e-2)
+    with pytest.raises(ValueError, match="--grad-accum"):
+        TrainConfig(grad_accum=0)
+
+
+def fixed_batches(n, batch, T=8, V=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(V, (n, batch, T + 1), generator=g)
+    return [(d[:, :-1], d[:, 1:]) for d in data]
+
+
+def test_grad_accumulation_equals_one_large_batch():
+    small = fixed_batches(2, 4)
+    big = [(torch.cat([small[0][0], small[1][0]]), torch.cat([small[0][1], small[1][1]]))]
+    results = []
+    for accum, batches in ((2, small), (1, big)):
+        torch.manual_seed(0)
+        model = BigramLM(11)
+        cfg = TrainConfig(steps=1, batch_size=8 // accum, grad_accum=accum, grad_clip=0, warmup_steps=0,
+                          eval_interval=1000)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the update is the gradient itself
+        it = iter(batches)
+        train_loop(model, opt, cfg, lambda: next(it), big)
+        results.append(model.table.weight.detach().clone())
+    assert (results[0] - results[1]).abs().max() < 1e-6
+
+
+def test_short_training_lowers_val_loss_and_logs(tmp_path):
+    torch.manual_seed(0)
+    pattern = torch.tensor([0, 1, 2, 3, 4] * 4)
+    x, y = pattern[:-1].repeat(16, 1), pattern[1:].repeat(16, 1)
+    model = BigramLM(5)
+    cfg = TrainConfig(steps=60, lr=5e-2, min_lr=1e-3, warmup_steps=5, eval_interval=30, log_interval=10)
+    before = estimate_loss(model, [(x, y)])
+    train_loop(model, make_optimizer(model, cfg), cfg, lambda: (x, y), [(x, y)], run_dir=tmp_path)
+    assert estimate_loss(model, [(x, y)]) < before - 1.0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train_loss" in r] == [10, 20, 30, 40, 50, 60]
+    assert [r["step"] for r in rows if "val_loss" in r] == [30, 60]
+    assert all({"lr", "tokens_per_sec"} <= r.keys() for r in rows if "train_loss" in r)
+
+
+def test_nan_loss_stops_training_with_the_step():
+    model = BigramLM(5)
+    saves = []
+    cfg = TrainConfig(steps=10, eval_interval=3, warmup_steps=0)
+    calls = {"n": 0}
+
+    def next_batch():
+        calls["n"] += 1
+        if calls["n"] == 5:
+            with torch.no_grad():
+                model.table.weight[0, 0] = float("nan")
+        return torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long)
+
+    with pytest.raises(TrainingDiverged, match="at step 4"):
+        train_loop(model, make_optimizer(model, cfg), cfg, next_batch, [next_batch()],
+                   save=lambda state, best: saves.append(state.step))
+    assert saves == [3]  # the checkpoint of step 3 is the last one, nothing written after the NaN
+
+
+def test_bfloat16_autocast_trains_on_cpu():
+    torch.manual_seed(0)
+    x = torch.tensor([[0, 1, 2, 3]] * 4)
+    y = torch.tensor([[1, 2, 3, 0]] * 4)
+
+    class Tiny(torch.nn.Module):  # an embedding then a Linear, so autocast really changes dtypes
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(4, 16), torch.nn.Linear(16, 4)
+
+        def forward(self, idx, targets=None):
+            logits = self.head(self.emb(idx))
+            assert logits.dtype == torch.bfloat16
+            return logits, torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    model = Tiny()
+    cfg = TrainConfig(steps=30, lr=3e-2, min_lr=1e-3, warmup_steps=0, eval_interval=30, dtype="bfloat16")
+    train_loop(model, make_optimizer(model, cfg), cfg, lambda: (x, y), [(x, y)])
+    assert estimate_loss(model, [(x, y)], dtype="bfloat16") < 0.5

@@ -1,0 +1,310 @@
+"""Stage 7 — the training command line: it composes every stage into one run.
+
+    python train.py                                   # gpt preset on Tiny Shakespeare
+    python train.py --model bigram --block-size 128 --batch-size 64 --steps 2000
+    python train.py --preset llama --tokenizer bpe --vocab-size 1024 --out out/llama-bpe
+    python train.py --resume out/llama-bpe            # continue exactly where it stopped
+    torchrun --nproc_per_node=2 train.py ...          # data-parallel on 2 processes
+
+Every flag is built from a dataclass field (`TrainConfig` in training_loop.py,
+`ModelConfig` in transformer.py), so `--help` lists every setting with its
+default. The resolved configuration is printed and saved in the run directory.
+"""
+import argparse
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import random
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import checkpoint as ckpt
+from bigram_lm import BigramLM
+from bpe_tokenizer import TOKENIZER_FILES, load_tokenizer, train_tokenizer
+from dataset import CACHE_DIR, DEFAULT_CORPUS, as_tensor, encode_cached, get_batch, read_text, split_text
+from training_loop import (LoopState, TrainConfig, TrainingDiverged, make_optimizer, plot_losses,
+                           read_metrics, train_loop)
+from transformer import PRESETS, ModelConfig, Transformer
+
+# A bigram table learns from zero, one logit at a time: it wants a larger step and no decay.
+BIGRAM_DEFAULTS = {"lr": 1e-2, "min_lr": 1e-3, "weight_decay": 0.0}
+RUN_FLAGS = ("model", "preset", "data", "tokenizer", "vocab_size", "seed")  # fixed for a run's life
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def field_comments(cls):
+    """The trailing comment of each field in a dataclass's source: `n_layer: int = 4  # blocks`."""
+    found = re.findall(r"^\s+(\w+): [^=#]+=[^#]*#\s*(.+)$", inspect.getsource(cls), flags=re.M)
+    return dict(found)
+
+
+def add_dataclass_flags(group, cls, defaults, suppress, skip=(), presets=None):
+    """One flag per field of `cls` (but `skip`); its help is the field's comment.
+
+    With `presets` (name -> instance), the help lists each preset's value instead of one default.
+    """
+    hints, comments = typing.get_type_hints(cls), field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X] -> X
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        default = argparse.SUPPRESS if suppress else defaults.get(f.name, f.default)
+        shown = ", ".join(f"{n}: {getattr(v, f.name)}" for n, v in presets.items()) if presets else "%(default)s"
+        help_text = comments.get(f.name, f.name.replace("_", " ")).replace("%", "%%") + f" (default: {shown})"
+        if kind is bool:
+            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            group.add_argument(flag(f.name), type=kind, default=default, help=help_text)
+
+
+def build_parser(suppress=False):
+    """The parser; with suppress=True it returns only the flags typed on the command line."""
+    s = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS
+                                if suppress else None, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Model flags default to the chosen preset's values.")
+    run = p.add_argument_group("run")
+    run.add_argument("--model", choices=["transformer", "bigram"], default=s("transformer"),
+                     help="model family (default: %(default)s)")
+    run.add_argument("--preset", default=s("gpt"), help=f"one of {', '.join(PRESETS)} (default: %(default)s)")
+    run.add_argument("--data", default=s(DEFAULT_CORPUS), help="UTF-8 text file (default: %(default)s, "
+                     "downloaded when missing)")
+    run.add_argument("--out", default=s(None), help="run directory (default: out/<preset> or out/bigram)")
+    run.add_argument("--tokenizer", choices=list(TOKENIZER_FILES), default=s("char"),
+                     help="char, own byte-level BPE, or sentencepiece (default: %(default)s)")
+    run.add_argument("--vocab-size", type=int, default=s(1024), help="vocabulary size for bpe/spm "
+                     "(default: %(default)s)")
+    run.add_argument("--seed", type=int, default=s(1337), help="seed for every random number "
+                     "(default: %(default)s)")
+    run.add_argument("--device", default=s("auto"), help="auto | cpu | cuda | mps (default: %(default)s)")
+    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=s(False),
+                     help="torch.compile the model (default: %(default)s)")
+    run.add_argument("--resume", default=s(None), metavar="DIR", help="continue the run in DIR")
+    add_dataclass_flags(p.add_argument_group("training"), TrainConfig, {}, suppress)
+    model_defaults = {f.name: None for f in dataclasses.fields(ModelConfig)}
+    add_dataclass_flags(p.add_argument_group("model (default: the chosen preset's value)"), ModelConfig,
+                        model_defaults, suppress, skip=("vocab_size",), presets=PRESETS)  # tokenizer sets vocab
+    return p
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name} is not available on this machine; use --device cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name!r} is not one of auto, cpu, cuda, mps")
+    return name
+
+
+def pick_dtype(dtype, device):
+    """The requested precision, or float32 with a note where the device lacks it."""
+    if dtype == "float16" and device == "cpu":
+        print("note: float16 autocast needs a GPU; training in float32")
+        return "float32"
+    if dtype == "bfloat16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        print("note: this GPU has no bfloat16; training in float32")
+        return "float32"
+    return dtype
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(generator):
+    """Every random number generator's state, as plain lists and tensors (loadable with weights_only)."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss], "numpy": [keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(), "batches": generator.get_state()}
+
+
+def set_rng_state(saved, generator):
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(saved["torch"])
+    generator.set_state(saved["batches"])
+
+
+def cached_tokenizer(kind, text, vocab_size):
+    """Train a tokenizer on `text`, or reuse the one trained before on the same text and settings."""
+    if kind == "char":
+        return train_tokenizer(kind, text, vocab_size)
+    key = hashlib.sha256(f"{kind}:{vocab_size}:".encode() + text.encode("utf-8")).hexdigest()[:24]
+    path = CACHE_DIR / f"tokenizer-{key}-{TOKENIZER_FILES[kind]}"
+    if path.exists():
+        print(f"reusing the {kind} tokenizer trained before ({path})")
+        return load_tokenizer(path)
+    tok = train_tokenizer(kind, text, vocab_size)
+    ckpt.atomic_write(path, tok.save)
+    return tok
+
+
+def resolve_args(argv):
+    """Flags, with a resumed run's saved settings under the ones typed now."""
+    args = vars(build_parser().parse_args(argv))
+    typed = vars(build_parser(suppress=True).parse_args(argv))
+    if args["resume"]:
+        run_dir = ckpt.resolve_run_dir(args["resume"])
+        saved = ckpt.read_config(run_dir)["args"]
+        changed = [k for k in RUN_FLAGS if k in typed and typed[k] != saved[k]]
+        if changed:
+            raise ValueError(f"--resume keeps the run's {', '.join(flag(k) for k in changed)}; "
+                             f"start a new run (--out) to change them")
+        args = {**saved, **typed, "resume": str(run_dir), "out": str(run_dir)}
+    if args["model"] == "bigram":
+        args.update({k: v for k, v in BIGRAM_DEFAULTS.items() if k not in typed})
+    if args["preset"] not in PRESETS:
+        raise ValueError(f"unknown preset {args['preset']!r}: choose one of {', '.join(PRESETS)}")
+    args["out"] = args["out"] or str(Path("out") / (args["preset"] if args["model"] == "transformer" else "bigram"))
+    return args
+
+
+def build_model(args, vocab_size):
+    overrides = {f.name: args[f.name] for f in dataclasses.fields(ModelConfig)
+                 if f.name != "vocab_size" and args.get(f.name) is not None}
+    cfg = dataclasses.replace(PRESETS[args["preset"]], **overrides, vocab_size=vocab_size)
+    if args["model"] == "bigram":
+        return BigramLM(vocab_size), cfg.block_size
+    return Transformer(cfg), cfg.block_size
+
+
+def val_batches(ids, block_size, batch_size, n_batches, device):
+    """A fixed set of validation batches: blocks spread evenly over the whole split."""
+    n_blocks = (len(ids) - 1) // block_size
+    if n_blocks < 1:
+        raise ValueError(f"the validation split has {len(ids)} tokens, fewer than one block "
+                         f"({block_size + 1}); use more text or a smaller --block-size")
+    want = min(n_batches * batch_size, n_blocks)
+    starts = torch.linspace(0, n_blocks - 1, want).long() * block_size  # (N,)
+    window = ids[starts[:, None] + torch.arange(block_size + 1)].long()  # (N, T+1)
+    xs, ys = window[:, :-1].to(device), window[:, 1:].to(device)
+    return [(xs[i:i + batch_size], ys[i:i + batch_size]) for i in range(0, want, batch_size)]
+
+
+def run(argv=None):
+    args = resolve_args(argv)
+    distributed = "RANK" in os.environ
+    rank, world = 0, 1
+    device = pick_device(args["device"])
+    if distributed:
+        torch.distributed.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+    is_main = rank == 0
+    device_type = device.split(":")[0]
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    tcfg = TrainConfig(**{k: v for k, v in args.items() if k in train_fields})
+    tcfg.dtype = pick_dtype(tcfg.dtype, device_type)
+    seed_everything(args["seed"] + rank)
+
+    text = read_text(args["data"])
+    train_text, val_text, _ = split_text(text)
+    run_dir = Path(args["out"])
+    if args["resume"]:
+        tok = load_tokenizer(run_dir / TOKENIZER_FILES[args["tokenizer"]])
+    else:
+        tok = cached_tokenizer(args["tokenizer"], train_text, args["vocab_size"])
+    train_ids, val_ids = (as_tensor(encode_cached(t, tok)) for t in (train_text, val_text))
+    if args["resume"]:
+        saved_config = ckpt.read_config(run_dir)
+        model, block_size = ckpt.build_model(saved_config["model"]), saved_config["block_size"]
+    else:
+        model, block_size = build_model(args, tok.vocab_size)
+    if len(train_ids) < block_size + 1:
+        raise ValueError(f"the training split has {len(train_ids)} tokens, fewer than one block "
+                         f"({block_size + 1}); use more text or a smaller --block-size")
+    model.to(device)
+    optimizer = make_optimizer(model, tcfg, device_type)
+    generator = torch.Generator().manual_seed(args["seed"] + rank)
+    state = LoopState()
+    config = {"model": ckpt.model_config_dict(model), "block_size": block_size, "tokenizer": args["tokenizer"],
+              "tokenizer_file": TOKENIZER_FILES[args["tokenizer"]], "args": args}
+    if args["resume"]:
+        saved = ckpt.load_training_state(run_dir)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = LoopState(**saved["loop"])
+        set_rng_state(saved["rng"], generator)
+        rows = read_metrics(run_dir / ckpt.METRICS) if (run_dir / ckpt.METRICS).exists() else []
+        kept = "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state.step)
+        if is_main:
+            ckpt.atomic_write_bytes(run_dir / ckpt.METRICS, kept.encode())
+            print(f"resuming {run_dir} at step {state.step} of {tcfg.steps}")
+    elif is_main:
+        (run_dir / ckpt.METRICS).unlink(missing_ok=True)
+    if is_main:
+        ckpt.save_run_files(run_dir, config, tok, config["tokenizer_file"])
+        print("config:", {k: v for k, v in args.items() if v is not None})
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"{args['model']} model: {n_params:,} parameters; vocab {tok.vocab_size}; "
+              f"{len(train_ids):,} train tokens; device {device}, {tcfg.dtype}; "
+              f"batch {tcfg.batch_size}×{tcfg.grad_accum} accum×{world} proc = "
+              f"{tcfg.batch_size * tcfg.grad_accum * world} sequences of {block_size}")
+
+    def save(loop_state, best_val):
+        ckpt.save_weights(model, run_dir / ckpt.WEIGHTS)
+        if best_val is not None:
+            ckpt.save_weights(model, run_dir / ckpt.BEST_WEIGHTS)
+        ckpt.save_training_state(run_dir, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "loop": dataclasses.asdict(loop_state), "rng": rng_state(generator)})
+        plot_losses({run_dir.name: read_metrics(run_dir / ckpt.METRICS)}, run_dir / "loss.png")
+
+    def on_eval(m):
+        report = getattr(model, "moe_report", None)
+        return report(val_set[0][0]) if report else {}
+
+    val_set = val_batches(val_ids, block_size, tcfg.batch_size, tcfg.eval_iters, device)
+    net = torch.compile(model) if args["compile"] else model
+    if distributed:
+        net = torch.nn.parallel.DistributedDataParallel(net)
+    next_batch = lambda: get_batch(train_ids, block_size, tcfg.batch_size, generator, device)
+    state = train_loop(net, optimizer, tcfg, next_batch, val_set, state=state, run_dir=run_dir, save=save,
+                       device_type=device_type, is_main=is_main, world_size=world, on_eval=on_eval)
+    if is_main:
+        print(f"done: step {state.step}, best val loss {state.best_val:.4f}; weights in {run_dir}/\n"
+              f"next: python sample.py --model-checkpoint {run_dir}")
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return state
+
+
+def main(argv=None):
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the checkpoint was saved; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

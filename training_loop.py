@@ -1,0 +1,268 @@
+"""Stages 8, 14, 21, 22 — the one training loop every model uses.
+
+batch → forward → loss → backward → clip → optimizer step → log, repeated.
+The model only has to answer `logits, loss = model(x, y)`; the loop owns the
+rest: AdamW with weight decay on matrices only, linear warm-up then cosine
+decay (over steps, or over wall-clock time with `max_time`), gradient
+accumulation, mixed precision, a NaN guard, periodic evaluation, early
+stopping, `metrics.jsonl`, a tqdm bar and a loss plot.
+
+New since stage 7: the optimizer and schedule (14), evaluation during
+training (8), precision and accumulation (21), distributed-aware logging (22).
+Run the demo: `python training_loop.py` (a bigram model on a toy text).
+"""
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+@dataclass
+class TrainConfig:
+    """How to train; train.py makes one flag per field, its help the trailing comment."""
+
+    steps: int = 2000  # total optimizer steps of the run
+    batch_size: int = 12  # sequences per micro-batch
+    lr: float = 1e-3  # peak learning rate
+    min_lr: float = 1e-4  # learning rate at the end of the cosine decay
+    warmup_steps: int = 100  # steps of linear warm-up
+    weight_decay: float = 0.1  # AdamW decay, on matrices only
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.99  # AdamW beta2
+    grad_clip: float = 1.0  # clip the gradient norm to this (0: off)
+    grad_accum: int = 1  # micro-batches summed per optimizer step
+    eval_interval: int = 250  # evaluate every N steps
+    eval_iters: int = 20  # validation batches per evaluation
+    log_interval: int = 10  # write a metrics row every N steps
+    ckpt_every: int = 0  # also checkpoint every N steps (0: at each evaluation and at the end only)
+    max_time: float = 0.0  # seconds of training; the schedule then runs on time (0: use --steps)
+    patience: int = 0  # stop after N evaluations without a better val loss (0: never)
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr {self.lr}, min-lr {self.min_lr}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype {self.dtype!r} is not one of float32, bfloat16, float16")
+
+
+def lr_at(step, progress, cfg):
+    """Learning rate: linear warm-up over `warmup_steps`, then cosine from lr to min_lr.
+
+    `progress` in [0, 1] is how far the run is through its decay phase: by steps,
+    (step − warmup) / (steps − warmup), or by time, elapsed / max_time.
+    Example with lr 1e-3, min_lr 1e-4: progress 0 -> 1e-3, 0.5 -> 5.5e-4, 1 -> 1e-4.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    progress = min(max(progress, 0.0), 1.0)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
+    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
+
+
+def step_progress(step, cfg):
+    return (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+
+
+def make_optimizer(model, cfg, device_type="cpu"):
+    """AdamW with weight decay on matrices (dim ≥ 2) and not on norms, biases or scales."""
+    params = [p for p in model.parameters() if p.requires_grad]  # shared (tied) tensors appear once
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device_type in ("cpu", "cuda")  # one kernel for all parameters instead of a Python loop
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def autocast_for(device_type, dtype):
+    """An autocast context for `dtype`, or a no-op for float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+@torch.no_grad()
+def estimate_loss(model, batches, device_type="cpu", dtype="float32"):
+    """Mean loss over a fixed list of (x, y) batches, in eval mode (no dropout)."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for x, y in batches:
+        with autocast_for(device_type, dtype):
+            _, loss = model(x, y)
+        total += loss.item()
+    model.train(was_training)
+    return total / len(batches)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step, and what a resume restores."""
+    step: int = 0
+    elapsed: float = 0.0  # training seconds so far (evaluation excluded), for --max-time
+    best_val: float = math.inf
+    evals_since_best: int = 0
+    tokens: int = 0
+
+
+def append_metrics(run_dir, row):
+    if run_dir is not None:
+        with open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_losses(runs, path):
+    """Train and val loss against step, one pair of curves per run; `runs` maps a label to its rows.
+
+    Returns False (and writes nothing) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax_step, ax_tok) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, rows in runs.items():
+        for key, style in (("train_loss", "-"), ("val_loss", "o-")):
+            pts = [(r["step"], r.get("tokens", 0), r[key]) for r in rows if key in r]
+            if pts:
+                steps, tokens, losses = zip(*pts)
+                name = f"{label} {key.split('_')[0]}"
+                ax_step.plot(steps, losses, style, ms=3, label=name)
+                ax_tok.plot(tokens, losses, style, ms=3, label=name)
+    ax_step.set_xlabel("step")
+    ax_tok.set_xlabel("tokens seen")
+    for ax in (ax_step, ax_tok):
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, run_dir=None, save=None,
+               device_type="cpu", is_main=True, world_size=1, on_eval=None):
+    """Train `model` until `cfg.steps` (or `cfg.max_time`) and return the LoopState.
+
+    next_batch() -> (x, y) gives one micro-batch. save(state, val_loss) is called
+    at every evaluation, at the end and on Ctrl-C (then KeyboardInterrupt is re-raised).
+    With DistributedDataParallel, gradients are only synchronised on the last
+    micro-batch of a step (`no_sync`); only the main process logs and saves.
+    """
+    state = state or LoopState()
+    scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * world_size
+    bar = tqdm(total=cfg.steps, initial=state.step, disable=not is_main, dynamic_ncols=True,
+               unit="step", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+    model.train()
+    t_last, recent = time.perf_counter(), []
+    try:
+        while state.step < cfg.steps and not (cfg.max_time and state.elapsed >= cfg.max_time):
+            progress = state.elapsed / cfg.max_time if cfg.max_time else step_progress(state.step, cfg)
+            lr = lr_at(state.step, progress, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, block = 0.0, 0
+            for micro in range(cfg.grad_accum):
+                x, y = next_batch()
+                block = x.shape[1]
+                sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
+                with (contextlib.nullcontext() if sync else model.no_sync()):
+                    with autocast_for(device_type, cfg.dtype):
+                        _, loss = model(x, y)
+                    scaler.scale(loss / cfg.grad_accum).backward()  # the mean over N·B sequences
+                loss_sum += loss.item()
+            loss_value = loss_sum / cfg.grad_accum
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(f"loss became {loss_value} at step {state.step + 1}: training stopped, "
+                                       f"the last good checkpoint is kept; try a lower --lr")
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+            now = time.perf_counter()
+            state.elapsed += now - t_last
+            t_last = now
+            state.step += 1
+            state.tokens += tokens_per_step * block
+            recent.append(loss_value)
+            if is_main and (state.step % cfg.log_interval == 0 or state.step == cfg.steps):
+                tok_s = tokens_per_step * block * state.step / max(state.elapsed, 1e-9)
+                row = {"step": state.step, "train_loss": sum(recent) / len(recent), "lr": lr,
+                       "tokens_per_sec": round(tok_s), "tokens": state.tokens, "elapsed": round(state.elapsed, 2)}
+                append_metrics(run_dir, row)
+                bar.set_postfix_str(f"loss {row['train_loss']:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s")
+                recent = []
+            bar.update(1)
+
+            last = state.step >= cfg.steps or bool(cfg.max_time and state.elapsed >= cfg.max_time)
+            if state.step % cfg.eval_interval == 0 or last:
+                val = estimate_loss(model, val_batches, device_type, cfg.dtype)
+                improved = val < state.best_val
+                state.best_val = min(val, state.best_val)
+                state.evals_since_best = 0 if improved else state.evals_since_best + 1
+                if is_main:
+                    row = {"step": state.step, "val_loss": val, "tokens": state.tokens,
+                           **(on_eval(model) if on_eval else {})}
+                    append_metrics(run_dir, row)
+                    bar.write(f"step {state.step}: val loss {val:.4f}" + (" (best)" if improved else ""))
+                    if save:
+                        save(state, val if improved else None)
+                if cfg.patience and state.evals_since_best >= cfg.patience:
+                    bar.write(f"no better val loss for {cfg.patience} evaluations: stopping early")
+                    break
+                t_last = time.perf_counter()  # evaluation time does not count against --max-time
+            elif cfg.ckpt_every and state.step % cfg.ckpt_every == 0 and is_main and save:
+                save(state, None)
+    except KeyboardInterrupt:
+        if is_main and save:
+            bar.write(f"interrupted at step {state.step}: saving a checkpoint …")
+            save(state, None)
+        raise
+    finally:
+        bar.close()
+    return state
+
+
+def _demo():
+    from bigram_lm import BigramLM
+    from char_tokenizer import CharTokenizer
+    from dataset import as_tensor, get_batch
+
+    text = "to be or not to be, that is the question. " * 50
+    tok = CharTokenizer.train(text)
+    data = as_tensor(tok.encode(text))
+    g = torch.Generator().manual_seed(0)
+    cfg = TrainConfig(steps=200, batch_size=16, lr=1e-2, warmup_steps=10, eval_interval=100, log_interval=20)
+    model = BigramLM(tok.vocab_size)
+    val = [get_batch(data, 16, 16, torch.Generator().manual_seed(1))]
+    print(f"val loss before: {estimate_loss(model, val):.3f}")
+    train_loop(model, make_optimizer(model, cfg), cfg, lambda: get_batch(data, 16, 16, g), val)
+    print(f"val loss after:  {estimate_loss(model, val):.3f}")
+
+
+if __name__ == "__main__":
+    _demo()

@@ -1,0 +1,224 @@
+"""Stage 13 — the Transformer language model: embeddings, N blocks, a final norm, a linear head.
+
+The whole decoder in one page. Token ids become vectors, n_layer blocks
+refine them (each position reading only from earlier ones), and a linear head
+turns the last vectors into next-token logits. It has the very call of the
+bigram model, `logits, loss = model(idx, targets)`, and the same loss.
+
+New since stage 11: a dataclass config whose fields pick every component
+(GPT-2 or Llama parts, MoE, grouped-query attention, RoPE scaling), GPT-2's
+initialisation, tied input/output embeddings, ready-made PRESETS and a KV
+cache for fast generation.
+Run the demo: `python transformer.py`
+
+Shapes: B batch, T time, C channels (n_embd), V vocabulary.
+"""
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from attention import ATTN_IMPLS, ATTN_SCALES, KVCache
+from bigram_lm import next_token_loss
+from block import FFN_KINDS, Block
+from components import Embeddings, MoE, expert_counts, load_balancing_loss, make_norm, parse_rope_scaling
+
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+
+
+@dataclass
+class ModelConfig:
+    """Every choice of the model; the defaults are the `gpt` preset (nanoGPT's CPU recipe model)."""
+
+    vocab_size: int = 65  # tokens in the vocabulary; train.py sets it from the tokenizer
+    block_size: int = 64  # longest context, in tokens (Llama: max_seq_len)
+    n_layer: int = 4  # number of blocks
+    n_head: int = 4  # query heads per attention layer
+    n_kv_head: int | None = None  # key/value heads (GQA); None or 0 means n_head, 1 is multi-query
+    n_embd: int = 128  # channels of the residual stream (Llama: dim)
+    ffn_hidden: int | None = None  # feed-forward width; None: 4·n_embd for gelu, ⅔·4·n_embd→×64 for swiglu/moe
+    dropout: float = 0.0  # dropout on attention weights and sub-layer outputs while training
+    bias: bool = False  # biases in Linear layers and LayerNorm (GPT-2 had them)
+    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
+    mlp: str = "gelu"  # feed-forward: "gelu" (GPT-2), "swiglu" (Llama) or "moe" (experts of SwiGLU)
+    pos: str = "learned"  # positions: "learned" table (GPT-2) or "rope" rotations (Llama)
+    rope_theta: float = 10000.0  # RoPE base: the slowest pair turns once per ~2π·theta positions
+    rope_scaling: str | None = None  # RoPE context stretch: None, "linear:S" or "ntk:S" (S ≥ 1)
+    tie_weights: bool = True  # the output head shares the token embedding matrix
+    attn_impl: str = "sdpa"  # "sdpa" (fused, fast) or "manual" (explicit, same numbers)
+    attn_scale: str = "fixed"  # attention scale: "fixed" head_dim^-0.5 or "learnable" per head
+    n_experts: int = 4  # experts per MoE layer (mlp="moe")
+    moe_top_k: int = 2  # experts each token is sent to (mlp="moe")
+    moe_aux_weight: float = 0.01  # weight of the MoE load-balancing loss added while training
+
+    def __post_init__(self):
+        def check(ok, message):
+            if not ok:
+                raise ValueError(message)
+
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_experts", "moe_top_k"):
+            check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be a positive integer")
+        check(self.n_embd % self.n_head == 0,
+              f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: pick n_embd a multiple of n_head")
+        check(self.n_kv_head is None or 0 <= self.n_kv_head <= self.n_head and self.n_head % self.kv_heads == 0,
+              f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (or be 0/None for n_head)")
+        check(self.ffn_hidden is None or self.ffn_hidden >= 1, f"ffn_hidden={self.ffn_hidden} must be positive or None")
+        check(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
+        for name, allowed in (("norm", NORMS), ("mlp", FFN_KINDS), ("pos", POSITIONS),
+                              ("attn_impl", ATTN_IMPLS), ("attn_scale", ATTN_SCALES)):
+            check(getattr(self, name) in allowed, f"unknown {name} {getattr(self, name)!r}: choose from {allowed}")
+        check(self.pos == "learned" or self.head_dim % 2 == 0,
+              f"RoPE rotates channel pairs: head_dim = n_embd/n_head = {self.head_dim} must be even")
+        check(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be positive")
+        parse_rope_scaling(self.rope_scaling)  # raises ValueError with the accepted forms
+        check(self.rope_scaling is None or self.pos == "rope", f"rope_scaling={self.rope_scaling!r} needs pos='rope': a learned position table cannot stretch")
+        check(self.moe_top_k <= self.n_experts,
+              f"moe_top_k={self.moe_top_k} exceeds n_experts={self.n_experts}: lower it or add experts")
+        check(self.moe_aux_weight >= 0, f"moe_aux_weight={self.moe_aux_weight} must be >= 0")
+
+    @property
+    def kv_heads(self):
+        """n_kv_head resolved: n_head when n_kv_head is None or 0."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
+
+PRESETS = {
+    # nanoGPT's README CPU recipe model: 804,096 parameters at vocab 65.
+    "gpt": ModelConfig(),
+    # Llama's parts; sizes are a starting point for the equal-time comparison (tunable).
+    "llama": ModelConfig(block_size=128, n_layer=4, n_head=4, n_embd=192, norm="rmsnorm", mlp="swiglu", pos="rope"),
+    # llama with 4 experts, top-2, each half as wide: the same compute per token, 2× the feed-forward weights.
+    "moe": ModelConfig(block_size=128, n_layer=4, n_head=4, n_embd=192, norm="rmsnorm", mlp="moe", pos="rope",
+                       ffn_hidden=256, n_experts=4, moe_top_k=2),
+}
+
+
+class Transformer(nn.Module):
+    """A decoder-only language model. forward(idx (B, T), targets (B, T) | None, cache) -> (logits (B, T, V), loss)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        position_table = config.block_size if config.pos == "learned" else None  # RoPE needs no table
+        self.embed = Embeddings(config.vocab_size, config.n_embd, position_table)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config.norm, config.n_embd, config.bias)
+        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.head.weight = self.embed.tok.weight  # one (V, C) matrix reads tokens in and writes them out
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("out_proj.weight"):  # the 2·n_layer projections that add into the residual stream
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        """GPT-2: every matrix N(0, 0.02), biases 0 (norms start at weight 1, bias 0)."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        """Parameters, each counted once (a tied matrix is one matrix)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def new_kv_cache(self, batch_size, device=None, dtype=None, capacity=None):
+        """An empty KVCache for `batch_size` sequences of up to `capacity` (default block_size) positions.
+
+        RoPE models may ask for more than block_size (e.g. with rope_scaling); learned positions may not.
+        """
+        cfg, p = self.config, self.head.weight
+        capacity = capacity or cfg.block_size
+        if cfg.pos == "learned" and capacity > cfg.block_size:
+            raise ValueError(f"capacity {capacity} exceeds block_size {cfg.block_size}: learned positions stop there")
+        return KVCache(cfg.n_layer, batch_size, cfg.kv_heads, cfg.head_dim, capacity,
+                       device or p.device, dtype or p.dtype)
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) int64 -> logits (B, T, V), loss (scalar or None).
+
+        With `cache`, idx holds positions cache.length … cache.length+T−1; their keys and
+        values are appended and cache.length advances by T. While training an MoE model,
+        loss = cross-entropy + moe_aux_weight · (aux loss averaged over layers).
+        """
+        B, T = idx.shape
+        start = 0 if cache is None else cache.length
+        if cache is not None and (start + T > cache.capacity or cache.k.shape[1] != B):
+            raise ValueError(f"the cache holds {cache.k.shape[1]} sequences × {cache.capacity} positions, "
+                             f"{cache.length} used; got {B} × {T} more: start a new cache or crop the context")
+        if self.config.pos == "learned" and start + T > self.config.block_size:
+            raise ValueError(f"positions up to {start + T} exceed block_size {self.config.block_size}: "
+                             f"crop the input to the last {self.config.block_size} tokens")
+        x = self.embed(idx, start)  # (B, T) -> (B, T, C)
+        aux_losses = []
+        for layer, block in enumerate(self.blocks):
+            x, aux = block(x, cache, layer)  # (B, T, C) -> (B, T, C)
+            if aux is not None:
+                aux_losses.append(aux)
+        if cache is not None:
+            cache.advance(T)
+        logits = self.head(self.norm(x))  # (B, T, C) @ (C, V) -> (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = next_token_loss(logits, targets)
+            if aux_losses and self.training:
+                loss = loss + self.config.moe_aux_weight * torch.stack(aux_losses).mean()
+        return logits, loss
+
+    @torch.no_grad()
+    def moe_report(self, idx):
+        """Routing on a batch idx (B, T): {"aux_loss": mean over layers, "expert_fraction": [layer][expert]}.
+
+        A fraction is the share of routing slots an expert received (each row sums to 1;
+        1/n_experts each is perfect balance). {} when the model has no MoE layer.
+        """
+        moes = [m for m in self.modules() if isinstance(m, MoE)]
+        if not moes:
+            return {}
+        inputs = {}  # each MoE's input, captured on the way through, then routed again here
+        hooks = [m.register_forward_hook(lambda module, args, out: inputs.__setitem__(module, args[0])) for m in moes]
+        try:
+            self(idx)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        aux, fractions = [], []
+        for m in moes:
+            x = inputs[m]
+            _, experts, probs = m.route(x.reshape(-1, x.shape[-1]))  # (B, T, C) -> (N, C)
+            counts = expert_counts(experts, len(m.experts))
+            aux.append(load_balancing_loss(counts, probs).item())
+            fractions.append((counts / counts.sum()).tolist())
+        return {"aux_loss": sum(aux) / len(aux), "expert_fraction": fractions}
+
+
+def _demo():
+    torch.manual_seed(0)
+    for name, preset in PRESETS.items():
+        model = Transformer(preset)
+        print(f"{name:6s} {model.num_params():>9,} params  {preset.norm}, {preset.mlp}, {preset.pos} positions, "
+              f"{preset.n_layer} layers × {preset.n_embd} channels, context {preset.block_size}")
+    model = Transformer(dataclasses.replace(PRESETS["moe"], block_size=32, n_embd=64))
+    idx = torch.randint(65, (2, 32))
+    logits, loss = model(idx, torch.roll(idx, -1, 1))
+    print(f"moe (small): idx {tuple(idx.shape)} -> logits {tuple(logits.shape)}, loss {loss.item():.3f} "
+          f"(ln 65 = {math.log(65):.3f})")
+    print("routing:", {k: v if isinstance(v, float) else [f"{f:.2f}" for f in v[0]]
+                       for k, v in model.moe_report(idx).items()})
+    cache = model.new_kv_cache(batch_size=2)
+    model(idx[:, :20], cache=cache)
+    step, _ = model(idx[:, 20:21], cache=cache)
+    diff = (step[:, 0] - logits[:, 20]).abs().max().item()
+    print(f"KV cache: position 20 read from the cache vs recomputed, max diff {diff:.1e}")
+
+
+if __name__ == "__main__":
+    _demo()
