@@ -8,11 +8,29 @@ way) and prints a small table. Speed targets live here, never in tests.
     python bench.py all               # every benchmark, in order
 """
 import argparse
+import dataclasses
 import math
+import os
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+import warnings
+from pathlib import Path
 
 import torch
+
+import evaluate
+import train
+from bpe_tokenizer import BPETokenizer, SentencePieceTokenizer
+from char_tokenizer import CharTokenizer
+from checkpoint import WEIGHTS, load_run, model_config_dict, save_run_files, save_weights
+from quantize import quantize_run
+from sample import generate
+from training_loop import read_metrics
+from transformer import PRESETS, Transformer
 
 CORPUS = "tiny_shakespeare.txt"
 JA_CORPUS = "../shared/data/ja_aozora.txt"
@@ -41,10 +59,6 @@ BENCHES = {}
 
 def bench_tokenizers():
     """Tokenizers: our BPE against sentencepiece, English and Japanese (about a minute)."""
-    from pathlib import Path
-    import tempfile
-
-    from bpe_tokenizer import BPETokenizer, SentencePieceTokenizer
 
     def read(path):  # a corpus at the repo root, else in ../shared/data
         root = Path(__file__).resolve().parent
@@ -147,9 +161,6 @@ def flops_per_token(model, block_size):
 
 def train_and_score(argv, out_dir, split="heldout"):
     """Train with train.py's flags, then score the whole split; returns timing and loss figures."""
-    import evaluate
-    import train
-    from checkpoint import load_run
 
     t0 = time.perf_counter()
     state = train.run([*argv, "--out", str(out_dir)])
@@ -158,12 +169,11 @@ def train_and_score(argv, out_dir, split="heldout"):
     text = evaluate.split_of(config, split)
     result = evaluate.evaluate_text(model, tok, text, config["block_size"])
     return {"steps": state.step, "train_s": state.elapsed, "wall_s": wall, "ms_per_iter": 1000 * state.elapsed /
-            state.step, "tokens": state.tokens, "model": model, "block_size": config["block_size"], **result}
+            state.step, "train_tokens": state.tokens, "model": model, "block_size": config["block_size"], **result}
 
 
 def bench_gpt(runs=3):
     """The gpt preset on nanoGPT's CPU recipe: ms/iter, tokens/s, MFU, whole-heldout loss."""
-    import tempfile
 
     peak = matmul_peak_gflops()
     results = []
@@ -172,7 +182,7 @@ def bench_gpt(runs=3):
             results.append(train_and_score([*GPT_RECIPE, "--seed", str(1337 + i)], tmp))
     r0 = results[0]
     ms = statistics.median(r["ms_per_iter"] for r in results)
-    tok_s = r0["tokens"] / r0["steps"] / (ms / 1000)
+    tok_s = r0["train_tokens"] / r0["steps"] / (ms / 1000)
     mfu = flops_per_token(r0["model"], r0["block_size"]) * tok_s / (peak * 1e9)
     losses = [r["loss"] for r in results]
     print(f"matmul peak (1 thread): {peak:.1f} GFLOP/s; parameters: {r0['model'].num_params():,}")
@@ -192,10 +202,7 @@ BENCHES["gpt"] = bench_gpt
 
 def bench_generate(new_tokens=500, context=256, prompt_tokens=200):
     """Generation: tokens/s with and without the KV cache, and time to first token (llama preset)."""
-    import dataclasses
 
-    from sample import generate
-    from transformer import PRESETS, Transformer
 
     torch.manual_seed(0)
     cfg = dataclasses.replace(PRESETS["llama"], block_size=context)  # RoPE: a longer window adds no weights
@@ -220,16 +227,7 @@ BENCHES["generate"] = bench_generate
 
 def bench_quantize(new_tokens=500, widths=(192, 768)):
     """Quantization: file size and tokens/s for fp32, int8, int4 and dynamic int8 (llama preset)."""
-    import dataclasses
-    import tempfile
-    import warnings
-    from pathlib import Path
 
-    from char_tokenizer import CharTokenizer
-    from checkpoint import WEIGHTS, load_run, model_config_dict, save_run_files, save_weights
-    from quantize import quantize_run
-    from sample import generate
-    from transformer import PRESETS, Transformer
 
     warnings.filterwarnings("ignore", module="torch.ao")  # its deprecation notice, once per load
     tok = CharTokenizer.train("".join(chr(c) for c in range(32, 32 + PRESETS["llama"].vocab_size - 1)))
@@ -266,6 +264,65 @@ def bench_quantize(new_tokens=500, widths=(192, 768)):
 
 
 BENCHES["quantize"] = bench_quantize
+
+
+def steady_tokens_per_sec(run_dir, skip_steps=20):
+    """Training tokens/s from metrics.jsonl, leaving out the first steps (compilation, warm caches)."""
+
+    rows = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "train_loss" in r]
+    first = next(r for r in rows if r["step"] >= skip_steps)
+    return (rows[-1]["tokens"] - first["tokens"]) / (rows[-1]["elapsed"] - first["elapsed"])
+
+
+def run_child(args, threads=1):
+    """Run a command line in a fresh process with `threads` threads; returns its peak RSS in MB."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    subprocess.run(args, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+
+
+def bench_training(steps=80):
+    """Training throughput of the llama preset: fp32 vs bf16 vs --compile, DDP 2 procs vs 1, peak RSS."""
+    train_py = [sys.executable, "train.py", "--preset", "llama", "--steps", str(steps), "--eval-interval",
+                str(steps), "--eval-iters", "2", "--log-interval", "5"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, extra in (("fp32", []), ("bf16 autocast", ["--dtype", "bfloat16"]),
+                             ("fp32 + torch.compile", ["--compile"])):
+            run_child([*train_py, *extra, "--out", f"{tmp}/{len(rows)}"])
+            rows.append([label, "1 × 1 thread", f"{steady_tokens_per_sec(f'{tmp}/{len(rows)}'):,.0f}"])
+        base = steady_tokens_per_sec(f"{tmp}/0")
+        run_child([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *train_py[1:],
+                   "--out", f"{tmp}/ddp"])
+        ddp = steady_tokens_per_sec(f"{tmp}/ddp")
+        rows.append(["fp32 DDP (gloo)", "2 × 1 thread", f"{ddp:,.0f} ({ddp / base:.2f}× one process)"])
+        rss = run_child([sys.executable, "train.py", "--steps", "200", "--out", f"{tmp}/default"], threads=2)
+    print_table(["llama preset", "processes", "tokens/s (steady)"], rows)
+    print(f"\npeak RSS of the default training run (python train.py, gpt preset, 200 steps): {rss:,.0f} MB")
+
+
+BENCHES["training"] = bench_training
+
+
+def bench_tokenizer_models(budget=90.0):
+    """Bits per character of bigram-char, gpt-char, gpt-bpe and gpt-spm at equal training time."""
+    runs = [("bigram, char", ["--model", "bigram", "--block-size", "128", "--batch-size", "64"]),
+            ("gpt, char", ["--preset", "gpt"]),
+            ("gpt, own BPE 1024", ["--preset", "gpt", "--tokenizer", "bpe", "--vocab-size", "1024"]),
+            ("gpt, sentencepiece 1024", ["--preset", "gpt", "--tokenizer", "spm", "--vocab-size", "1024"])]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (label, flags) in enumerate(runs):
+            r = train_and_score([*flags, "--max-time", str(budget), "--steps", "1000000000",
+                                 "--eval-interval", "500", "--eval-iters", "10"], f"{tmp}/{i}")
+            rows.append([label, r["steps"], f"{r['train_tokens'] / r['train_s']:,.0f}", f"{r['loss']:.4f}",
+                         f"{r['chars'] / r['tokens']:.2f}", f"{r['bits_per_char']:.4f}"])
+    print(f"{budget:.0f} s of training each, one thread; scored over the last 10% of Tiny Shakespeare\n")
+    print_table(["model, tokenizer", "steps", "tokens/s", "loss (nats/token)", "chars/token", "bits/char"], rows)
+
+
+BENCHES["tokenizer-models"] = bench_tokenizer_models
 
 
 def main():

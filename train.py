@@ -129,21 +129,21 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def rng_state(generator):
-    """Every random number generator's state, as plain lists and tensors (loadable with weights_only)."""
+def rng_state():
+    """The global random number generators' states (dropout draws from torch's), as plain
+    lists and tensors so that `torch.load(weights_only=True)` can read them back."""
     version, internal, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
     return {"python": [version, list(internal), gauss], "numpy": [keys.tolist(), pos, has_gauss, cached],
-            "torch": torch.get_rng_state(), "batches": generator.get_state()}
+            "torch": torch.get_rng_state()}
 
 
-def set_rng_state(saved, generator):
+def set_rng_state(saved):
     version, internal, gauss = saved["python"]
     random.setstate((version, tuple(internal), gauss))
     keys, pos, has_gauss, cached = saved["numpy"]
     np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(saved["torch"])
-    generator.set_state(saved["batches"])
 
 
 def cached_tokenizer(kind, text, vocab_size):
@@ -202,92 +202,111 @@ def val_batches(ids, block_size, batch_size, n_batches, device):
     return [(xs[i:i + batch_size], ys[i:i + batch_size]) for i in range(0, want, batch_size)]
 
 
+def setup_distributed(device):
+    """Join the torchrun process group when launched by torchrun; returns (device, rank, world size)."""
+    if "RANK" not in os.environ:
+        return device, 0, 1
+    torch.distributed.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    return device, torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def batch_stream(ids, block_size, batch_size, seed, rank, start, device):
+    """next_batch() for the loop: micro-batch i of rank r is drawn from its own seed (seed, r, i).
+
+    So a resumed run, or any rank, can start at batch `start` with no generator state to restore.
+    """
+    counter = iter(range(start, 2**62))
+    generator = torch.Generator()
+
+    def next_batch():
+        generator.manual_seed(hash((seed, rank, next(counter))))
+        return get_batch(ids, block_size, batch_size, generator, device)
+    return next_batch
+
+
+def restore(run_dir, model, optimizer, is_main):
+    """Load checkpoint_latest.pt into model and optimizer; drop metrics rows from after it."""
+    saved = ckpt.load_training_state(run_dir)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    set_rng_state(saved["rng"])
+    state = LoopState(**saved["loop"])
+    if is_main and (run_dir / ckpt.METRICS).exists():
+        kept = [json.dumps(r) + "\n" for r in read_metrics(run_dir / ckpt.METRICS) if r["step"] <= state.step]
+        ckpt.atomic_write_bytes(run_dir / ckpt.METRICS, "".join(kept).encode())
+    return state
+
+
+def saver(run_dir, model, optimizer):
+    """save(state, best_val) for the loop: latest weights, best weights, training state, plot."""
+    plot_note = ["note: pip install matplotlib to get loss.png"]  # said once
+
+    def save(state, best_val):
+        ckpt.save_weights(model, run_dir / ckpt.WEIGHTS)
+        if best_val is not None:
+            ckpt.save_weights(model, run_dir / ckpt.BEST_WEIGHTS)
+        ckpt.save_training_state(run_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                           "loop": dataclasses.asdict(state), "rng": rng_state()})
+        if not plot_losses({run_dir.name: read_metrics(run_dir / ckpt.METRICS)}, run_dir / "loss.png") \
+                and plot_note:
+            print(plot_note.pop())
+    return save
+
+
 def run(argv=None):
+    """Train as the flags say; returns the final LoopState."""
     args = resolve_args(argv)
-    distributed = "RANK" in os.environ
-    rank, world = 0, 1
-    device = pick_device(args["device"])
-    if distributed:
-        torch.distributed.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        if device == "cuda":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-    is_main = rank == 0
-    device_type = device.split(":")[0]
-    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    tcfg = TrainConfig(**{k: v for k, v in args.items() if k in train_fields})
+    device, rank, world = setup_distributed(pick_device(args["device"]))
+    is_main, device_type = rank == 0, device.split(":")[0]
+    tcfg = TrainConfig(**{f.name: args[f.name] for f in dataclasses.fields(TrainConfig)})
     tcfg.dtype = pick_dtype(tcfg.dtype, device_type)
     seed_everything(args["seed"] + rank)
-
-    text = read_text(args["data"])
-    train_text, val_text, _ = split_text(text)
     run_dir = Path(args["out"])
+
+    train_text, val_text, _ = split_text(read_text(args["data"]))
     if args["resume"]:
         tok = load_tokenizer(run_dir / TOKENIZER_FILES[args["tokenizer"]])
+        saved = ckpt.read_config(run_dir)
+        model, block_size = ckpt.build_model(saved["model"]), saved["block_size"]
     else:
         tok = cached_tokenizer(args["tokenizer"], train_text, args["vocab_size"])
-    train_ids, val_ids = (as_tensor(encode_cached(t, tok)) for t in (train_text, val_text))
-    if args["resume"]:
-        saved_config = ckpt.read_config(run_dir)
-        model, block_size = ckpt.build_model(saved_config["model"]), saved_config["block_size"]
-    else:
         model, block_size = build_model(args, tok.vocab_size)
+    train_ids, val_ids = (as_tensor(encode_cached(t, tok)) for t in (train_text, val_text))
     if len(train_ids) < block_size + 1:
         raise ValueError(f"the training split has {len(train_ids)} tokens, fewer than one block "
                          f"({block_size + 1}); use more text or a smaller --block-size")
     model.to(device)
     optimizer = make_optimizer(model, tcfg, device_type)
-    generator = torch.Generator().manual_seed(args["seed"] + rank)
-    state = LoopState()
-    config = {"model": ckpt.model_config_dict(model), "block_size": block_size, "tokenizer": args["tokenizer"],
-              "tokenizer_file": TOKENIZER_FILES[args["tokenizer"]], "args": args}
-    if args["resume"]:
-        saved = ckpt.load_training_state(run_dir)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        state = LoopState(**saved["loop"])
-        set_rng_state(saved["rng"], generator)
-        rows = read_metrics(run_dir / ckpt.METRICS) if (run_dir / ckpt.METRICS).exists() else []
-        kept = "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= state.step)
-        if is_main:
-            ckpt.atomic_write_bytes(run_dir / ckpt.METRICS, kept.encode())
-            print(f"resuming {run_dir} at step {state.step} of {tcfg.steps}")
-    elif is_main:
-        (run_dir / ckpt.METRICS).unlink(missing_ok=True)
+    state = restore(run_dir, model, optimizer, is_main) if args["resume"] else LoopState()
     if is_main:
+        if not args["resume"]:
+            (run_dir / ckpt.METRICS).unlink(missing_ok=True)
+        config = {"model": ckpt.model_config_dict(model), "block_size": block_size,
+                  "tokenizer": args["tokenizer"], "tokenizer_file": TOKENIZER_FILES[args["tokenizer"]], "args": args}
         ckpt.save_run_files(run_dir, config, tok, config["tokenizer_file"])
         print("config:", {k: v for k, v in args.items() if v is not None})
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{args['model']} model: {n_params:,} parameters; vocab {tok.vocab_size}; "
-              f"{len(train_ids):,} train tokens; device {device}, {tcfg.dtype}; "
+        print(f"{args['model']} model: {sum(p.numel() for p in model.parameters()):,} parameters; "
+              f"vocab {tok.vocab_size}; {len(train_ids):,} train tokens; device {device}, {tcfg.dtype}; "
               f"batch {tcfg.batch_size}×{tcfg.grad_accum} accum×{world} proc = "
-              f"{tcfg.batch_size * tcfg.grad_accum * world} sequences of {block_size}")
+              f"{tcfg.batch_size * tcfg.grad_accum * world} sequences of {block_size}"
+              + (f"; resuming at step {state.step} of {tcfg.steps}" if args["resume"] else ""))
 
-    def save(loop_state, best_val):
-        ckpt.save_weights(model, run_dir / ckpt.WEIGHTS)
-        if best_val is not None:
-            ckpt.save_weights(model, run_dir / ckpt.BEST_WEIGHTS)
-        ckpt.save_training_state(run_dir, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "loop": dataclasses.asdict(loop_state), "rng": rng_state(generator)})
-        plot_losses({run_dir.name: read_metrics(run_dir / ckpt.METRICS)}, run_dir / "loss.png")
-
-    def on_eval(m):
-        report = getattr(model, "moe_report", None)
-        return report(val_set[0][0]) if report else {}
-
-    val_set = val_batches(val_ids, block_size, tcfg.batch_size, tcfg.eval_iters, device)
     net = torch.compile(model) if args["compile"] else model
-    if distributed:
+    if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net)
-    next_batch = lambda: get_batch(train_ids, block_size, tcfg.batch_size, generator, device)
-    state = train_loop(net, optimizer, tcfg, next_batch, val_set, state=state, run_dir=run_dir, save=save,
-                       device_type=device_type, is_main=is_main, world_size=world, on_eval=on_eval)
+    val_set = val_batches(val_ids, block_size, tcfg.batch_size, tcfg.eval_iters, device)
+    report = getattr(model, "moe_report", None)
+    state = train_loop(net, optimizer, tcfg, batch_stream(train_ids, block_size, tcfg.batch_size, args["seed"],
+                       rank, state.step * tcfg.grad_accum, device), val_set, state=state, run_dir=run_dir,
+                       save=saver(run_dir, model, optimizer), device_type=device_type, is_main=is_main,
+                       world_size=world, on_eval=lambda m: report(val_set[0][0]) if report else {})
     if is_main:
         print(f"done: step {state.step}, best val loss {state.best_val:.4f}; weights in {run_dir}/\n"
               f"next: python sample.py --model-checkpoint {run_dir}")
-    if distributed:
+    if world > 1:
         torch.distributed.destroy_process_group()
     return state
 
