@@ -184,16 +184,33 @@ class BlockDataset(torch.utils.data.Dataset):
         return window[:-1], window[1:]
 
 
-def epoch_loader(data, block_size, batch_size, seed=0, workers=None):
-    """A shuffled DataLoader over non-overlapping blocks: each epoch sees every block once.
+def default_workers():
+    """DataLoader workers: one per core, leaving one core to the training process."""
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
 
-    The alternative to `get_batch`'s random offsets; workers default to the CPU count minus one.
+
+def epoch_batches(data, block_size, batch_size, seed=0, rank=0, world=1, start=0, workers=None):
+    """Shuffled epochs over non-overlapping blocks, through a DataLoader: yields (x, y) forever.
+
+    The alternative to `get_batch`'s random offsets: each epoch sees every block
+    exactly once. Epoch e is shuffled by seed (seed, e) and dealt out to the
+    `world` ranks in disjoint shards; `start` skips that many batches (resume).
     """
-    workers = max(0, (os.cpu_count() or 1) - 1) if workers is None else workers
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(BlockDataset(data, block_size), batch_size=batch_size, shuffle=True,
-                                       drop_last=True, num_workers=workers, generator=generator,
-                                       persistent_workers=workers > 0)
+    blocks = BlockDataset(data, block_size)
+    per_epoch = len(blocks) // world // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"{len(blocks)} blocks make no batch of {batch_size} per process: "
+                         f"lower --batch-size or use --sampler random")
+    epoch, skip = divmod(start, per_epoch)
+    workers = default_workers() if workers is None else workers
+    while True:
+        generator = torch.Generator().manual_seed(hash((seed, epoch)))
+        order = torch.randperm(len(blocks), generator=generator)
+        shard = order[rank::world][skip * batch_size:per_epoch * batch_size].tolist()
+        # Its own generator also keeps the DataLoader from drawing on torch's global RNG (dropout's).
+        yield from torch.utils.data.DataLoader(torch.utils.data.Subset(blocks, shard), batch_size=batch_size,
+                                               num_workers=workers, generator=generator)
+        epoch, skip = epoch + 1, 0
 
 
 def _demo():

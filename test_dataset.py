@@ -87,3 +87,23 @@ def test_offline_fetch_says_where_to_put_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="save it as"):
         dataset.fetch_tiny_shakespeare(tmp_path / "tiny_shakespeare.txt", url="http://127.0.0.1:9/none")
     assert not (tmp_path / "tiny_shakespeare.txt").exists()
+
+
+def test_epoch_batches_see_every_block_once_per_epoch_and_resume():
+    data = torch.arange(161, dtype=torch.int32)  # 16 blocks of 10
+    stream = dataset.epoch_batches(data, 10, batch_size=4, seed=1, workers=0)
+    first_epoch = [next(stream) for _ in range(4)]
+    starts = sorted(int(x[i, 0]) for x, _ in first_epoch for i in range(4))
+    assert starts == list(range(0, 160, 10))
+    assert all(torch.equal(y, x + 1) for x, y in first_epoch)
+    second_epoch = [next(stream)[0] for _ in range(4)]
+    assert [int(x[0, 0]) for x in second_epoch] != [int(x[0, 0]) for x, _ in first_epoch]  # reshuffled
+    resumed = dataset.epoch_batches(data, 10, batch_size=4, seed=1, start=6, workers=0)
+    assert torch.equal(next(resumed)[0], second_epoch[2])  # batch 6 = the third of epoch two
+
+
+def test_epoch_batches_shard_across_ranks_through_worker_processes():
+    data = torch.arange(161, dtype=torch.int32)
+    ranks = [dataset.epoch_batches(data, 10, batch_size=2, seed=0, rank=r, world=2, workers=1) for r in (0, 1)]
+    seen = [{int(x[i, 0]) for _ in range(4) for x in [next(stream)[0]] for i in range(2)} for stream in ranks]
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 16

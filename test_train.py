@@ -73,24 +73,30 @@ def test_short_training_run_lowers_val_loss_and_writes_the_run(tmp_path, corpus,
     assert config["args"]["steps"] == 60 and tok.vocab_size == model.config.vocab_size
 
 
-def test_resume_continues_exactly(tmp_path, corpus, monkeypatch):
+@pytest.mark.parametrize("sampler", ["random", "epoch"])
+def test_resume_continues_exactly(tmp_path, corpus, monkeypatch, sampler):
     """A run interrupted at step 7 (Ctrl-C) and resumed matches an uninterrupted run bit for bit."""
     monkeypatch.chdir(tmp_path)
-    args = ("--steps", "14", "--eval-interval", "5", "--warmup-steps", "3", "--lr", "3e-3", "--dropout", "0.1")
+    args = ("--steps", "14", "--eval-interval", "5", "--warmup-steps", "3", "--lr", "3e-3", "--dropout", "0.1",
+            "--sampler", sampler, "--workers", "0")
     run_train(tmp_path, *args)
     straight = metrics(tmp_path / "run")
-    real_get_batch, calls = train.get_batch, {"n": 0}
+    real_stream, calls = train.batch_stream, {"n": 0}
 
-    def interrupting_get_batch(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 8:
-            raise KeyboardInterrupt
-        return real_get_batch(*a, **k)
+    def interrupting_stream(*a, **k):
+        next_batch = real_stream(*a, **k)
 
-    monkeypatch.setattr(train, "get_batch", interrupting_get_batch)
+        def interrupting():
+            calls["n"] += 1
+            if calls["n"] == 8:
+                raise KeyboardInterrupt
+            return next_batch()
+        return interrupting
+
+    monkeypatch.setattr(train, "batch_stream", interrupting_stream)
     with pytest.raises(KeyboardInterrupt):
         run_train(tmp_path, *args)
-    monkeypatch.setattr(train, "get_batch", real_get_batch)
+    monkeypatch.setattr(train, "batch_stream", real_stream)
     train.run(["--resume", str(tmp_path / "run")])
     resumed = metrics(tmp_path / "run")
     assert [r["step"] for r in resumed] == [r["step"] for r in straight]

@@ -29,14 +29,15 @@ import torch
 import checkpoint as ckpt
 from bigram_lm import BigramLM
 from bpe_tokenizer import TOKENIZER_FILES, load_tokenizer, train_tokenizer
-from dataset import CACHE_DIR, DEFAULT_CORPUS, as_tensor, encode_cached, get_batch, read_text, split_text
+from dataset import (CACHE_DIR, DEFAULT_CORPUS, as_tensor, encode_cached, epoch_batches, get_batch, read_text,
+                     split_text)
 from training_loop import (LoopState, TrainConfig, TrainingDiverged, make_optimizer, plot_losses,
                            read_metrics, train_loop)
 from transformer import PRESETS, ModelConfig, Transformer
 
 # A bigram table learns from zero, one logit at a time: it wants a larger step and no decay.
 BIGRAM_DEFAULTS = {"lr": 1e-2, "min_lr": 1e-3, "weight_decay": 0.0}
-RUN_FLAGS = ("model", "preset", "data", "tokenizer", "vocab_size", "seed")  # fixed for a run's life
+RUN_FLAGS = ("model", "preset", "data", "tokenizer", "vocab_size", "seed", "sampler")  # fixed for a run's life
 
 
 def flag(name):
@@ -92,6 +93,11 @@ def build_parser(suppress=False):
     run.add_argument("--device", default=s("auto"), help="auto | cpu | cuda | mps (default: %(default)s)")
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=s(False),
                      help="torch.compile the model (default: %(default)s)")
+    run.add_argument("--sampler", choices=["random", "epoch"], default=s("random"),
+                     help="random-offset blocks (fast) or shuffled epochs of whole blocks through a "
+                     "DataLoader (default: %(default)s)")
+    run.add_argument("--workers", type=int, default=s(None), help="DataLoader workers for --sampler epoch "
+                     "(default: CPU count − 1, at most 4)")
     run.add_argument("--resume", default=s(None), metavar="DIR", help="continue the run in DIR")
     add_dataclass_flags(p.add_argument_group("training"), TrainConfig, {}, suppress)
     model_defaults = {f.name: None for f in dataclasses.fields(ModelConfig)}
@@ -213,16 +219,21 @@ def setup_distributed(device):
     return device, torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def batch_stream(ids, block_size, batch_size, seed, rank, start, device):
-    """next_batch() for the loop: micro-batch i of rank r is drawn from its own seed (seed, r, i).
+def batch_stream(args, ids, block_size, batch_size, rank, world, start, device):
+    """next_batch() for the loop, starting at micro-batch `start` (non-zero when resuming).
 
-    So a resumed run, or any rank, can start at batch `start` with no generator state to restore.
+    Random offsets: micro-batch i of rank r is drawn from its own seed (seed, r, i), so a
+    resumed run, or any rank, starts at batch i with no generator state to restore.
+    Epochs: the DataLoader path of dataset.epoch_batches, which skips to batch i itself.
     """
+    if args["sampler"] == "epoch":
+        batches = epoch_batches(ids, block_size, batch_size, args["seed"], rank, world, start, args["workers"])
+        return lambda: tuple(t.to(device) for t in next(batches))
     counter = iter(range(start, 2**62))
     generator = torch.Generator()
 
     def next_batch():
-        generator.manual_seed(hash((seed, rank, next(counter))))
+        generator.manual_seed(hash((args["seed"], rank, next(counter))))
         return get_batch(ids, block_size, batch_size, generator, device)
     return next_batch
 
@@ -299,8 +310,9 @@ def run(argv=None):
         net = torch.nn.parallel.DistributedDataParallel(net)
     val_set = val_batches(val_ids, block_size, tcfg.batch_size, tcfg.eval_iters, device)
     report = getattr(model, "moe_report", None)
-    state = train_loop(net, optimizer, tcfg, batch_stream(train_ids, block_size, tcfg.batch_size, args["seed"],
-                       rank, state.step * tcfg.grad_accum, device), val_set, state=state, run_dir=run_dir,
+    next_batch = batch_stream(args, train_ids, block_size, tcfg.batch_size, rank, world,
+                              state.step * tcfg.grad_accum, device)
+    state = train_loop(net, optimizer, tcfg, next_batch, val_set, state=state, run_dir=run_dir,
                        save=saver(run_dir, model, optimizer), device_type=device_type, is_main=is_main,
                        world_size=world, on_eval=lambda m: report(val_set[0][0]) if report else {})
     if is_main:
