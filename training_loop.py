@@ -172,8 +172,11 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
     state = state or LoopState()
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world_size
-    bar = tqdm(total=cfg.steps, initial=state.step, disable=not is_main, dynamic_ncols=True,
-               unit="step", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")
+    # The bar counts steps, or training seconds when the run has a time budget.
+    bar = tqdm(total=cfg.max_time or cfg.steps, initial=state.elapsed if cfg.max_time else state.step,
+               disable=not is_main, dynamic_ncols=True, unit="s" if cfg.max_time else "step",
+               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}" + (" s" if cfg.max_time else "")
+               + " [{elapsed}<{remaining}{postfix}]")
     model.train()
     t_last, recent = time.perf_counter(), []
     try:
@@ -205,7 +208,7 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
 
             now = time.perf_counter()
             state.elapsed += now - t_last
-            t_last = now
+            t_step, t_last = t_last, now
             state.step += 1
             state.tokens += tokens_per_step * block
             recent.append(loss_value)
@@ -216,7 +219,7 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
                 append_metrics(run_dir, row)
                 bar.set_postfix_str(f"loss {row['train_loss']:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s")
                 recent = []
-            bar.update(1)
+            bar.update(min(now - t_step, cfg.max_time - bar.n) if cfg.max_time else 1)
 
             last = state.step >= cfg.steps or bool(cfg.max_time and state.elapsed >= cfg.max_time)
             if state.step % cfg.eval_interval == 0 or last:
