@@ -125,3 +125,16 @@ def test_bigram_recipe_runs(tmp_path, corpus, monkeypatch):
     assert state.best_val < 2.5
     model, _, _ = load_run(tmp_path / "bigram")
     assert model.table.weight.shape[0] == model.table.weight.shape[1]
+
+
+@pytest.mark.parametrize("kind, vocab", [("bpe", 300), ("spm", 290)])
+def test_subword_tokenizer_runs_are_trained_once_and_reused(tmp_path, corpus, monkeypatch, capsys, kind, vocab):
+    monkeypatch.chdir(tmp_path)
+    flags = ["--tokenizer", kind, "--vocab-size", str(vocab), "--steps", "5", "--eval-interval", "5"]
+    run_train(tmp_path, *flags)
+    assert "reusing" not in capsys.readouterr().out
+    run_train(tmp_path, *flags, "--out", str(tmp_path / "again"))
+    assert f"reusing the {kind} tokenizer" in capsys.readouterr().out
+    model, tok, config = load_run(tmp_path / "again")
+    assert config["tokenizer"] == kind and tok.vocab_size == vocab == model.config.vocab_size
+    assert tok.decode(tok.encode(TEXT[:200])) == TEXT[:200]
