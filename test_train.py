@@ -138,3 +138,14 @@ def test_subword_tokenizer_runs_are_trained_once_and_reused(tmp_path, corpus, mo
     model, tok, config = load_run(tmp_path / "again")
     assert config["tokenizer"] == kind and tok.vocab_size == vocab == model.config.vocab_size
     assert tok.decode(tok.encode(TEXT[:200])) == TEXT[:200]
+
+
+def test_loss_plot_and_plot_command(tmp_path, corpus, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, "--steps", "10", "--eval-interval", "5")
+    png = tmp_path / "run" / "loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = cli(str(ROOT / "plot.py"), "run", "run", "--out", "both.png", cwd=tmp_path)
+    assert result.returncode == 0 and (tmp_path / "both.png").stat().st_size > 1000
+    assert "not a run directory" in one_clean_line(cli(str(ROOT / "plot.py"), "nothing", cwd=tmp_path))

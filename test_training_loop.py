@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import training_loop
 from bigram_lm import BigramLM
 from training_loop import TrainConfig, TrainingDiverged, estimate_loss, lr_at, make_optimizer, step_progress, train_loop
 
@@ -120,3 +121,13 @@ def test_bfloat16_autocast_trains_on_cpu():
     cfg = TrainConfig(steps=30, lr=3e-2, min_lr=1e-3, warmup_steps=0, eval_interval=30, dtype="bfloat16")
     train_loop(model, make_optimizer(model, cfg), cfg, lambda: (x, y), [(x, y)])
     assert estimate_loss(model, [(x, y)], dtype="bfloat16") < 0.5
+
+
+def test_patience_stops_after_evaluations_without_improvement(monkeypatch):
+    model = BigramLM(5)
+    x = torch.zeros(2, 4, dtype=torch.long)
+    cfg = TrainConfig(steps=100, eval_interval=2, patience=3, lr=1e-3, min_lr=1e-3, warmup_steps=0)
+    vals = iter([3.0, 2.0, 2.5, 2.1, 2.2, 1.0])  # best at the 2nd evaluation, then three without a better one
+    monkeypatch.setattr(training_loop, "estimate_loss", lambda *args, **kwargs: next(vals))
+    state = train_loop(model, make_optimizer(model, cfg), cfg, lambda: (x, x), [(x, x)])
+    assert state.step == 10 and state.best_val == 2.0  # 5 evaluations, stopped before the 6th
