@@ -134,9 +134,10 @@ class MultiHeadAttention(nn.Module):
         B, T, C = x.shape
         H, G, D = self.n_head, self.n_kv_head, self.head_dim
         start = 0 if cache is None else cache.length
-        q, k, v = self.qkv(x).view(B, T, H + 2 * G, D).split([H, G, G], dim=2)  # (B, T, C) -> (B, T, h, D)
+        qk, v = self.qkv(x).view(B, T, H + 2 * G, D).split([H + G, G], dim=2)  # (B, T, C) -> (B, T, h, D)
         if self.rotary is not None:
-            q, k = self.rotary(q, start), self.rotary(k, start)  # queries and keys turned by position
+            qk = self.rotary(qk, start)  # queries and keys turned by position, all H + G heads in one call
+        q, k = qk.split([H, G], dim=2)  # (B, T, H + G, D) -> (B, T, H, D), (B, T, G, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, h, D) -> (B, h, T, D)
         scale = None  # the default, D^−0.5
         if self.scale is not None:

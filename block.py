@@ -59,13 +59,16 @@ class Block(nn.Module):
         self.dropout = cfg.dropout  # on each sub-layer's output, before it joins the stream
 
     def forward(self, x, cache=None, layer=0):
-        p = self.dropout if self.training else 0.0
-        x = x + F.dropout(self.attn(self.attn_norm(x), cache, layer), p)  # (B, T, C)
+        x = x + self.drop(self.attn(self.attn_norm(x), cache, layer))  # (B, T, C)
         aux = None
         h = self.ffn(self.ffn_norm(x))
         if isinstance(self.ffn, MoE):
             h, aux = h
-        return x + F.dropout(h, p), aux  # (B, T, C)
+        return x + self.drop(h), aux  # (B, T, C)
+
+    def drop(self, h):
+        """Dropout on a sub-layer's output while training; not even a call otherwise (generation)."""
+        return F.dropout(h, self.dropout) if self.training and self.dropout > 0 else h
 
 
 def _demo():

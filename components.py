@@ -22,7 +22,6 @@ Glossary, for reading Llama or Hugging Face code next to this one:
     ffn_hidden  hidden_dim       intermediate_size
     block_size  max_seq_len      max_position_embeddings
 """
-import math
 
 import torch
 import torch.nn as nn
@@ -205,8 +204,9 @@ class RotaryEmbedding(nn.Module):
         end = start + x.shape[1]
         if end > self.cos.shape[0]:
             self._build(max(end, 2 * self.cos.shape[0]))
-        cos = self.cos[start:end, None, :].to(x.dtype)  # (T, 1, D/2): broadcasts over B and heads
-        sin = self.sin[start:end, None, :].to(x.dtype)
+        cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]  # (T, 1, D/2): broadcast over B, h
+        if cos.dtype != x.dtype:  # e.g. under bfloat16 autocast
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         return apply_rotary(x, cos, sin)
 
 

@@ -109,7 +109,7 @@ def new_cache(model, batch_size):
     return model.new_kv_cache(batch_size, device=p.device, dtype=p.dtype)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
     """Yield the next ids (B,) one step at a time: the one generation loop.
 
