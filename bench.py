@@ -165,7 +165,6 @@ def flops_per_token(model, block_size):
 
 def train_and_score(argv, out_dir, split="heldout"):
     """Train with train.py's flags, then score the whole split; returns timing and loss figures."""
-
     t0 = time.perf_counter()
     state = train.run([*argv, "--out", str(out_dir)])
     wall = time.perf_counter() - t0
@@ -178,7 +177,6 @@ def train_and_score(argv, out_dir, split="heldout"):
 
 def bench_gpt(runs=3):
     """The gpt preset on nanoGPT's CPU recipe: ms/iter, tokens/s, MFU, whole-heldout loss."""
-
     peak = matmul_peak_gflops()
     results = []
     for i in range(runs):
@@ -270,10 +268,8 @@ def bench_generate(new_tokens=500, context=256, prompt_tokens=200):
 BENCHES["generate"] = bench_generate
 
 
-def bench_quantize(new_tokens=500, widths=(192, 768)):
+def bench_quantize(new_tokens=500, widths=(PRESETS["llama"].n_embd, 768)):
     """Quantization: file size and tokens/s for fp32, int8, int4 and dynamic int8 (llama preset)."""
-
-
     warnings.filterwarnings("ignore", module="torch.ao")  # its deprecation notice, once per load
     tok = CharTokenizer.train("".join(chr(c) for c in range(32, 32 + PRESETS["llama"].vocab_size - 1)))
     variants = [("fp32", None), ("int8, weight-only", (8, False)), ("int4, groups of 64", (4, False)),
@@ -313,7 +309,6 @@ BENCHES["quantize"] = bench_quantize
 
 def steady_tokens_per_sec(run_dir, skip_steps=20):
     """Training tokens/s from metrics.jsonl, leaving out the first steps (compilation, warm caches)."""
-
     rows = [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "train_loss" in r]
     first = next(r for r in rows if r["step"] >= skip_steps)
     return (rows[-1]["tokens"] - first["tokens"]) / (rows[-1]["elapsed"] - first["elapsed"])
