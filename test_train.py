@@ -149,3 +149,9 @@ def test_loss_plot_and_plot_command(tmp_path, corpus, monkeypatch):
     result = cli(str(ROOT / "plot.py"), "run", "run", "--out", "both.png", cwd=tmp_path)
     assert result.returncode == 0 and (tmp_path / "both.png").stat().st_size > 1000
     assert "not a run directory" in one_clean_line(cli(str(ROOT / "plot.py"), "nothing", cwd=tmp_path))
+
+
+def test_a_time_budget_alone_is_not_capped_by_the_default_steps():
+    assert train.resolve_args(["--max-time", "60"])["steps"] > 10**9
+    assert train.resolve_args(["--max-time", "60", "--steps", "100"])["steps"] == 100
+    assert train.resolve_args([])["steps"] == 2000

@@ -180,6 +180,8 @@ def resolve_args(argv):
         args = {**saved, **typed, "resume": str(run_dir), "out": str(run_dir)}
     if args["model"] == "bigram":
         args.update({k: v for k, v in BIGRAM_DEFAULTS.items() if k not in typed})
+    if args["max_time"] and "steps" not in typed and not args["resume"]:
+        args["steps"] = 10**12  # a time budget alone: --steps would only be a cap
     if args["preset"] not in PRESETS:
         raise ValueError(f"unknown preset {args['preset']!r}: choose one of {', '.join(PRESETS)}")
     args["out"] = args["out"] or str(Path("out") / (args["preset"] if args["model"] == "transformer" else "bigram"))

@@ -40,7 +40,7 @@ class TrainConfig:
     eval_iters: int = 20  # validation batches per evaluation
     log_interval: int = 10  # write a metrics row every N steps
     ckpt_every: int = 0  # also checkpoint every N steps (0: at each evaluation and at the end only)
-    max_time: float = 0.0  # seconds of training; the schedule then runs on time (0: use --steps)
+    max_time: float = 0.0  # seconds of training; the schedule then runs on time, --steps only caps it (0: off)
     patience: int = 0  # stop after N evaluations without a better val loss (0: never)
     dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast)
 
