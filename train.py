@@ -300,7 +300,8 @@ def run(argv=None):
         config = {"model": ckpt.model_config_dict(model), "block_size": block_size,
                   "tokenizer": args["tokenizer"], "tokenizer_file": TOKENIZER_FILES[args["tokenizer"]], "args": args}
         ckpt.save_run_files(run_dir, config, tok, config["tokenizer_file"])
-        print("config:", {k: v for k, v in args.items() if v is not None})
+        unused = {"vocab_size"} if args["tokenizer"] == "char" else set()  # the char vocabulary is the text's
+        print("config:", {k: v for k, v in args.items() if v is not None and k not in unused})
         print(f"{args['model']} model: {sum(p.numel() for p in model.parameters()):,} parameters; "
               f"vocab {tok.vocab_size}; {len(train_ids):,} train tokens; device {device}, {tcfg.dtype}; "
               f"batch {tcfg.batch_size}×{tcfg.grad_accum} accum×{world} proc = "
