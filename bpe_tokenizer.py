@@ -19,6 +19,7 @@ import json
 import os
 import tempfile
 from collections import Counter, defaultdict
+from itertools import chain, repeat
 from pathlib import Path
 
 import regex
@@ -189,31 +190,29 @@ class BPETokenizer:
         until no learned pair is left. A merge only creates pairs holding the
         new id, which rank later, so the merges replay in training order."""
         ids, get = list(data), self.ranks.get
-        ranks = [get(p, NEVER) for p in zip(ids, ids[1:])]  # ranks[i]: id of ids[i] + ids[i+1]
+        ranks = list(map(get, zip(ids, ids[1:]), repeat(NEVER)))  # ranks[i]: id of ids[i] + ids[i+1]
         while ranks:
             new_id = min(ranks)
             if new_id == NEVER:
                 break
             i = ranks.index(new_id)  # (left, a, b, right) -> (left, new, right)
-            ids[i:i + 2] = [new_id]
-            del ranks[i]
+            ids[i] = new_id
+            del ids[i + 1], ranks[i]
             if i < len(ranks):
                 ranks[i] = get((new_id, ids[i + 1]), NEVER)
-            if i > 0:
+            if i:
                 ranks[i - 1] = get((ids[i - 1], new_id), NEVER)
         return ids
 
     def encode_ordinary(self, text):
         """Encode `text` with no special tokens at all."""
-        cache, ids = self._cache, []
+        cache = self._cache
         if len(cache) > CACHE_LIMIT:
             cache.clear()
-        for chunk in self._split(text):
-            piece = cache.get(chunk)
-            if piece is None:
-                piece = cache[chunk] = self._encode_chunk(chunk.encode("utf-8"))
-            ids += piece
-        return ids
+        chunks = self._split(text)
+        for chunk in set(chunks).difference(cache):  # each new chunk is encoded once
+            cache[chunk] = self._encode_chunk(chunk.encode("utf-8"))
+        return list(chain.from_iterable(map(cache.__getitem__, chunks)))
 
     def encode(self, text, allowed_special="none"):
         """Text -> ids. Special tokens written in `text` become their ids only
