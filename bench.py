@@ -191,7 +191,8 @@ def bench_gpt(runs=3):
     print_table(["", "ms/iter (median)", "tokens/s", "MFU", "heldout loss", "bits/char", "wall s"], [
         *[[label, a["ms_per_iter"], f"{12 * 64 / a['ms_per_iter'] * 1000:,.0f}", "", a["val_loss"],
            f"{a['val_loss'] / math.log(2):.3f}", a["total_s"]]
-          for label, a in (("nanoGPT (quoted anchor)", NANOGPT), ("nanoGPT (measured side by side)", NANOGPT_MEASURED))],
+          for label, a in (("nanoGPT (quoted anchor)", NANOGPT),
+                           ("nanoGPT (measured side by side)", NANOGPT_MEASURED))],
         [f"ours, gpt preset ({runs} seeds)", f"{ms:.1f}", f"{tok_s:,.0f}", f"{mfu:.1%}",
          f"{statistics.median(losses):.4f} ({min(losses):.4f}–{max(losses):.4f})",
          f"{statistics.median(r['bits_per_char'] for r in results):.3f}",
@@ -223,8 +224,8 @@ def bench_presets(budget=PRESET_BUDGET):
     with tempfile.TemporaryDirectory() as tmp:
         for name, recipe in PRESET_RECIPES.items():
             flags = dict(zip(recipe[::2], recipe[1::2]))
-            r = train_and_score([*recipe, "--max-time", str(budget), "--steps", str(10 ** 9),
-                                 "--eval-interval", "1000", "--eval-iters", "10"], f"{tmp}/{name}")
+            r = train_and_score([*recipe, "--max-time", str(budget), "--eval-interval", "1000", "--eval-iters", "10"],
+                                f"{tmp}/{name}")
             rows.append([name, f"{r['model'].num_params():,}", r["block_size"], flags["--batch-size"], flags["--lr"],
                          r["steps"], f"{r['train_tokens'] / r['train_s']:,.0f}", f"{r['loss']:.4f}",
                          f"{r['bits_per_char']:.3f}"])
@@ -354,8 +355,8 @@ def bench_tokenizer_models(budget=90.0):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, flags) in enumerate(runs):
-            r = train_and_score([*flags, "--max-time", str(budget), "--steps", "1000000000",
-                                 "--eval-interval", "500", "--eval-iters", "10"], f"{tmp}/{i}")
+            r = train_and_score([*flags, "--max-time", str(budget), "--eval-interval", "500", "--eval-iters", "10"],
+                                f"{tmp}/{i}")
             rows.append([label, r["steps"], f"{r['train_tokens'] / r['train_s']:,.0f}", f"{r['loss']:.4f}",
                          f"{r['chars'] / r['tokens']:.2f}", f"{r['bits_per_char']:.4f}"])
     print(f"{budget:.0f} s of training each, one thread; scored over the last 10% of Tiny Shakespeare\n")

@@ -1,5 +1,6 @@
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -131,3 +132,17 @@ def test_patience_stops_after_evaluations_without_improvement(monkeypatch):
     monkeypatch.setattr(training_loop, "estimate_loss", lambda *args, **kwargs: next(vals))
     state = train_loop(model, make_optimizer(model, cfg), cfg, lambda: (x, x), [(x, x)])
     assert state.step == 10 and state.best_val == 2.0  # 5 evaluations, stopped before the 6th
+
+
+def test_checkpoint_time_does_not_count_against_the_budget():
+    model = BigramLM(5)
+    x = torch.zeros(2, 4, dtype=torch.long)
+    cfg = TrainConfig(steps=5, ckpt_every=1, eval_interval=1000, warmup_steps=0)
+    saves = []
+
+    def slow_save(state, best):
+        saves.append(state.step)
+        time.sleep(0.2)
+
+    state = train_loop(model, make_optimizer(model, cfg), cfg, lambda: (x, x), [(x, x)], save=slow_save)
+    assert saves == [1, 2, 3, 4, 5] and state.elapsed < 0.3  # five saves took 1 s; the training itself far less

@@ -237,9 +237,10 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
                 if cfg.patience and state.evals_since_best >= cfg.patience:
                     bar.write(f"no better val loss for {cfg.patience} evaluations: stopping early")
                     break
-                t_last = time.perf_counter()  # evaluation time does not count against --max-time
+                t_last = time.perf_counter()  # evaluating and saving do not count against --max-time
             elif cfg.ckpt_every and state.step % cfg.ckpt_every == 0 and is_main and save:
                 save(state, None)
+                t_last = time.perf_counter()
     except KeyboardInterrupt:
         if is_main and save:
             bar.write(f"interrupted at step {state.step}: saving a checkpoint …")
