@@ -130,8 +130,10 @@ class SwiGLU(nn.Module):
         self.up = nn.Linear(dim, hidden, bias=False)
         self.out_proj = nn.Linear(hidden, dim, bias=False)  # writes into the residual stream
 
-    def forward(self, x):
-        return self.out_proj(F.silu(self.gate(x)) * self.up(x))  # (…, C) -> (…, F) -> (…, C)
+    def forward(self, x, scale=None):
+        """scale (…, 1), optional: multiplies the hidden units (MoE's routing weight, F wide not C)."""
+        hidden = F.silu(self.gate(x)) * self.up(x)  # (…, C) -> (…, F)
+        return self.out_proj(hidden if scale is None else hidden * scale)  # (…, F) -> (…, C)
 
 
 def parse_rope_scaling(spec):
@@ -231,8 +233,9 @@ class MoE(nn.Module):
 
     forward(x (B, T, C)) -> (y (B, T, C), aux loss scalar). A token's output is the
     weighted sum of its k experts, weights = softmax over its k chosen router logits.
-    Each expert runs only on the tokens sent to it (gathered by index, added back
-    with index_add_), so compute grows with k, not with E.
+    Each expert runs only on the tokens sent to it: the routing slots are sorted by expert,
+    the tokens gathered once in that order, and each expert's outputs added back to their
+    tokens with index_add_, so compute grows with k, not with E.
     """
 
     def __init__(self, dim, hidden=None, n_experts=4, top_k=2):
@@ -256,12 +259,14 @@ class MoE(nn.Module):
         counts = expert_counts(experts, len(self.experts))
         slots = experts.flatten().argsort(stable=True)  # (N·K,) slot ids grouped by expert
         tokens = slots // self.top_k  # slot n·K + j belongs to token n
-        slot_weights = weights.flatten()[slots]  # (N·K,)
-        sizes = counts.tolist()  # consecutive runs of `slots` belong to expert 0, 1, …
+        inputs = x.index_select(0, tokens)  # (N·K, C): one gather (x[tokens] per expert would
+        # cost a zero-filled (N, C) gradient per expert in the backward pass)
+        slot_weights = weights.flatten()[slots, None]  # (N·K, 1)
+        sizes = counts.tolist()  # consecutive runs of slots belong to expert 0, 1, …
         y = torch.zeros_like(x)
-        for expert, idx, w in zip(self.experts, tokens.split(sizes), slot_weights.split(sizes)):
+        for expert, xe, idx, w in zip(self.experts, *(t.split(sizes) for t in (inputs, tokens, slot_weights))):
             if len(idx):
-                y.index_add_(0, idx, expert(x[idx]) * w[:, None])  # (n_e, C) rows added to their tokens
+                y.index_add_(0, idx, expert(xe, scale=w))
         return y.view(B, T, C), load_balancing_loss(counts, probs)  # (N, C) -> (B, T, C)
 
 
