@@ -248,9 +248,10 @@ class MoE(nn.Module):
 
     def route(self, x):
         """x (N, C) -> weights (N, K) summing to 1, experts (N, K) int64, probs (N, E)."""
-        logits = self.router(x)  # (N, C) -> (N, E)
-        top_logits, experts = logits.topk(self.top_k, dim=-1)  # (N, E) -> (N, K)
-        return F.softmax(top_logits, dim=-1), experts, F.softmax(logits, dim=-1)
+        probs = F.softmax(self.router(x), dim=-1)  # (N, C) -> (N, E)
+        top_probs, experts = probs.topk(self.top_k, dim=-1)  # (N, E) -> (N, K)
+        # softmax over the k chosen logits, computed from the full softmax: e^l_i / Σ_chosen e^l_j
+        return top_probs / top_probs.sum(dim=-1, keepdim=True), experts, probs
 
     def forward(self, x):
         B, T, C = x.shape

@@ -174,6 +174,16 @@ def test_moe_routes_each_token_to_k_distinct_experts():
     assert expert_counts(experts, 5).sum() == 40 * 3
 
 
+def test_moe_weights_are_softmax_over_the_chosen_logits():
+    moe = MoE(16, hidden=32, n_experts=6, top_k=2)
+    x = torch.randn(30, 16)
+    weights, experts, _ = moe.route(x)
+    logits = x @ moe.router.weight.T  # (N, E), the router by hand
+    chosen = logits.gather(1, experts)  # (N, K)
+    assert (chosen.min(-1).values >= logits.topk(3, -1).values[:, 1] - 1e-6).all()  # the two largest
+    torch.testing.assert_close(weights, chosen.exp() / chosen.exp().sum(-1, keepdim=True))
+
+
 def test_moe_dispatch_equals_dense_loop_with_gradients():
     moe = MoE(16, hidden=24, n_experts=4, top_k=2)
     x = torch.randn(3, 7, 16)
