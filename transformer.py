@@ -92,18 +92,19 @@ class ModelConfig:
 PRESETS = {
     # nanoGPT's README CPU recipe model: 804,096 parameters at vocab 65.
     "gpt": ModelConfig(),
-    # Llama's parts at the gpt preset's size (0.80 M params), tuned for 177 s on one CPU thread
+    # Llama's parts at the gpt preset's size (0.86 M params), tuned for 177 s on one CPU thread
     # (bench.py presets): at this budget more tokens beat more width — 192 channels (1.78 M) ran at 58%
-    # of the tokens/s and scored 1.72 against 1.61 — a 128-token context beat 256 at equal tokens per
-    # step, and grouped-query attention with 2 key/value heads (as in Llama 2 70B and Mistral) ran ~9%
-    # more steps than 4 and scored lower on 4 of 6 seeds.
-    "llama": ModelConfig(block_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, norm="rmsnorm",
-                         mlp="swiglu", pos="rope"),
+    # of the tokens/s and scored 1.72 against 1.61 — and a 128-token context beat 256 at equal tokens per
+    # step. Two key/value heads instead of 4 ran ~9% more steps but scored no better (1.6073 vs 1.6075,
+    # medians of 5 seeds).
+    "llama": ModelConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, norm="rmsnorm", mlp="swiglu", pos="rope"),
     # llama with 8 small experts, top-2: each token's feed-forward is half llama's (2 × 96 hidden units
     # vs 384) yet the layer holds 2× its weights. The routing (gather, scatter, 8 small matmuls) eats
     # most of the saving on a CPU, so a step is only ~4% faster than llama's. Top-2, not top-1: the
     # softmax over one chosen logit is always 1, leaving the router to learn from the aux loss alone.
-    # Tried at 177 s and worse: 4 experts (of 96 or 192), 16 × 48 top-4, 8 × 192, a shared expert.
+    # Two key/value heads (as Mixtral shares them) help the MoE where they did not help llama: 1.610 vs
+    # 1.626 with 4 (medians of 5 seeds). Tried at 177 s and worse: 4 experts (of 96 or 192), 16 × 48
+    # top-4, 8 × 192, a shared always-on expert.
     "moe": ModelConfig(block_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, norm="rmsnorm", mlp="moe",
                        pos="rope", ffn_hidden=96, n_experts=8, moe_top_k=2),
 }
