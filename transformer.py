@@ -100,7 +100,7 @@ PRESETS = {
     "llama": ModelConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, norm="rmsnorm", mlp="swiglu", pos="rope"),
     # llama with 8 small experts, top-2: each token's feed-forward is half llama's (2 × 96 hidden units
     # vs 384) yet the layer holds 2× its weights. The routing (gather, scatter, 8 small matmuls) eats
-    # most of the saving on a CPU, so a step is only ~4% faster than llama's. Top-2, not top-1: the
+    # most of the saving on a CPU, so a step is only ~5% faster than llama's. Top-2, not top-1: the
     # softmax over one chosen logit is always 1, leaving the router to learn from the aux loss alone.
     # Two key/value heads (as Mixtral shares them) help the MoE where they did not help llama: 1.610 vs
     # 1.626 with 4 (medians of 5 seeds). Tried at 177 s and worse: 4 experts (of 96 or 192), 16 × 48
