@@ -22,7 +22,6 @@ Glossary, for reading Llama or Hugging Face code next to this one:
     ffn_hidden  hidden_dim       intermediate_size
     block_size  max_seq_len      max_position_embeddings
 """
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
