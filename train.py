@@ -321,7 +321,8 @@ def run(argv=None):
     if is_main:
         print(f"done: step {state.step}, best val loss {state.best_val:.4f}; weights in {run_dir}/\n"
               f"next: python sample.py --model-checkpoint {run_dir}")
-    if world > 1:
+    if world > 1:  # every rank waits for rank 0's last save, then all close gloo together: a rank
+        torch.distributed.barrier()  # that exits while the other still talks to it can abort at exit
         torch.distributed.destroy_process_group()
     return state
 
