@@ -1,4 +1,5 @@
 """Shared test fixtures: the corpora in ../shared/data, skipped when absent."""
+import faulthandler
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,14 @@ torch.set_num_threads(1)  # tiny models: a second thread costs more in contentio
 
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def fail_a_hung_test():
+    """A test still running after 5 minutes ends the run, printing every thread's stack, instead of stalling CI."""
+    faulthandler.dump_traceback_later(300, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 def corpus(name):
