@@ -104,8 +104,8 @@ PRESETS = {
     # heads. Top-2, not top-1: the softmax over one chosen logit is always 1, leaving the router to learn
     # from the aux loss alone. Two key/value heads (as Mixtral shares them) help the MoE where they did
     # not help llama: 1.610 vs 1.626 with 4 (medians of 5 seeds). An aux weight of 0.03 rather than
-    # Switch's 0.01 (medians of 5 seeds: 0.001 1.633, 0.01 1.621, 0.03 1.617, 0.1 1.626, 0.3 1.614)
-    # then beat llama on 5 of 5 fresh seeds. Tried at 177 s and worse: 4 experts (of 96 or 192),
+    # Switch's 0.01 (medians of 5 seeds: 0.001 1.633, 0.01 1.621, 0.03 1.617, 0.1 1.626, 0.3 1.614,
+    # all but 0.001 within the seeds' noise) then beat llama on 5 of 5 fresh seeds. Tried at 177 s and worse: 4 experts (of 96 or 192),
     # 16 × 48 top-4, 8 × 192, a shared always-on expert.
     "moe": ModelConfig(block_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, norm="rmsnorm", mlp="moe",
                        pos="rope", ffn_hidden=96, n_experts=8, moe_top_k=2, moe_aux_weight=0.03),
