@@ -1,11 +1,14 @@
 """The command lines end to end: train.py and sample.py, in subprocesses and in-process."""
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import checkpoint
 import train
 from checkpoint import load_run
 
@@ -95,7 +98,7 @@ def test_resume_continues_exactly(tmp_path, corpus, monkeypatch, sampler):
 
     monkeypatch.setattr(train, "batch_stream", interrupting_stream)
     with pytest.raises(KeyboardInterrupt):
-        run_train(tmp_path, *args)
+        run_train(tmp_path, *args, "--overwrite")
     monkeypatch.setattr(train, "batch_stream", real_stream)
     train.run(["--resume", str(tmp_path / "run")])
     resumed = metrics(tmp_path / "run")
@@ -155,3 +158,85 @@ def test_a_time_budget_alone_is_not_capped_by_the_default_steps():
     assert train.resolve_args(["--max-time", "60"])["steps"] > 10**9
     assert train.resolve_args(["--max-time", "60", "--steps", "100"])["steps"] == 100
     assert train.resolve_args([])["steps"] == 2000
+
+
+def file_bytes(run_dir, *names):
+    return {name: (run_dir / name).read_bytes() for name in names}
+
+
+@pytest.mark.parametrize("clip", ["1.0", "0"])
+def test_an_inf_gradient_at_an_evaluation_step_keeps_the_last_good_files(tmp_path, corpus, monkeypatch, capsys,
+                                                                          clip):
+    """A finite loss with an inf gradient at step 10 (an evaluation step): exit 1, the step-5 files stay."""
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, "--steps", "5", "--eval-interval", "5", "--grad-clip", clip)
+    run = tmp_path / "run"
+    kept = ("model.safetensors", "best.safetensors", "checkpoint_latest.pt", "tokenizer.json")
+    before = file_bytes(run, *kept)
+    real_build, backward_calls = checkpoint.build_model, []
+
+    def build_with_poisoned_gradient(model_cfg):
+        model = real_build(model_cfg)
+
+        def poison(grad):  # the 5th backward pass after the resume is step 10's
+            backward_calls.append(1)
+            return torch.full_like(grad, math.inf) if len(backward_calls) == 5 else grad
+        next(model.parameters()).register_hook(poison)
+        return model
+
+    monkeypatch.setattr(checkpoint, "build_model", build_with_poisoned_gradient)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--resume", str(run), "--steps", "10"])
+    assert stop.value.code == 1
+    err = capsys.readouterr().err  # the progress bar writes to stderr too: the message is its last line
+    assert "Traceback" not in err and "gradient norm became inf at step 10" in err.strip().splitlines()[-1], err
+    assert file_bytes(run, *kept) == before
+    assert max(r["step"] for r in metrics(run)) == 9  # rows up to the last finite step, none after it
+
+
+def test_out_into_an_existing_run_refuses_unless_overwrite(tmp_path, corpus, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, "--steps", "4", "--eval-interval", "2")
+    run = tmp_path / "run"
+    before = file_bytes(run, "model.safetensors", "metrics.jsonl", "config.json")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--data", str(corpus), "--out", str(run), "--steps", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1
+    assert f"--resume {run}" in err[0] and "--overwrite" in err[0]
+    assert file_bytes(run, "model.safetensors", "metrics.jsonl", "config.json") == before
+    run_train(tmp_path, "--steps", "3", "--eval-interval", "3", "--overwrite")
+    assert [r["step"] for r in metrics(run) if "val_loss" in r] == [3]  # nothing left of the first run
+    assert json.loads((run / "config.json").read_text())["args"]["steps"] == 3
+    assert "overwrite" not in json.loads((run / "config.json").read_text())["args"]
+
+
+@pytest.mark.parametrize("typed, message", [
+    (["--n-layer", "2"], "--n-layer 2 differs from the run's 1"),
+    (["--n-embd", "64"], "--n-embd 64 differs from the run's 32"),
+    (["--block-size", "8"], "--block-size 8 differs from the run's 16"),
+    (["--tokenizer", "bpe"], "--tokenizer bpe differs from the run's char"),
+    (["--seed", "7"], "--seed 7 differs from the run's 1337"),
+    (["--n-kv-head", "1"], "--n-kv-head 1 differs from the run's 2"),
+])
+def test_resume_refuses_a_changed_model_or_run_flag(tmp_path, corpus, monkeypatch, capsys, typed, message):
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, "--steps", "2", "--eval-interval", "2")
+    config = (tmp_path / "run" / "config.json").read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--resume", str(tmp_path / "run"), *typed])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert (tmp_path / "run" / "config.json").read_bytes() == config
+
+
+def test_resume_accepts_training_flags_and_records_them(tmp_path, corpus, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, "--steps", "2", "--eval-interval", "2")
+    state = train.run(["--resume", str(tmp_path / "run"), "--steps", "4", "--lr", "5e-4", "--eval-interval", "4",
+                       "--n-layer", "1"])  # the run's own value: not a change
+    assert state.step == 4
+    args = json.loads((tmp_path / "run" / "config.json").read_text())["args"]
+    assert (args["steps"], args["lr"], args["eval_interval"]) == (4, 5e-4, 4)

@@ -1,6 +1,5 @@
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -135,14 +134,38 @@ def test_patience_stops_after_evaluations_without_improvement(monkeypatch):
 
 
 def test_checkpoint_time_does_not_count_against_the_budget():
+    """A fake clock: each step takes 0.01 s, each save 0.2 s; only the steps count as training time."""
     model = BigramLM(5)
     x = torch.zeros(2, 4, dtype=torch.long)
     cfg = TrainConfig(steps=5, ckpt_every=1, eval_interval=1000, warmup_steps=0)
-    saves = []
+    now, saves = [0.0], []
+
+    def next_batch():
+        now[0] += 0.01
+        return x, x
 
     def slow_save(state, best):
         saves.append(state.step)
-        time.sleep(0.2)
+        now[0] += 0.2
 
-    state = train_loop(model, make_optimizer(model, cfg), cfg, lambda: (x, x), [(x, x)], save=slow_save)
-    assert saves == [1, 2, 3, 4, 5] and state.elapsed < 0.3  # five saves took 1 s; the training itself far less
+    state = train_loop(model, make_optimizer(model, cfg), cfg, next_batch, [(x, x)], save=slow_save,
+                       clock=lambda: now[0])
+    assert saves == [1, 2, 3, 4, 5] and state.elapsed == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_an_inf_gradient_stops_before_the_update(grad_clip):
+    """The loss stays finite, one gradient is inf: the step raises and the weights are untouched."""
+    model = BigramLM(5)
+    x = torch.zeros(2, 4, dtype=torch.long)
+    cfg = TrainConfig(steps=10, eval_interval=3, warmup_steps=0, grad_clip=grad_clip)
+    model.table.weight.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), math.inf) if saves == [3] else g)
+    saves, weights = [], []
+
+    def save(state, best):
+        saves.append(state.step)
+        weights.append(model.table.weight.detach().clone())
+
+    with pytest.raises(TrainingDiverged, match="gradient norm became inf at step 4"):
+        train_loop(model, make_optimizer(model, cfg), cfg, lambda: (x, x), [(x, x)], save=save)
+    assert saves == [3] and torch.equal(model.table.weight, weights[0])

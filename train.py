@@ -99,6 +99,8 @@ def build_parser(suppress=False):
     run.add_argument("--workers", type=int, default=s(None), help="DataLoader workers for --sampler epoch "
                      "(default: CPU count − 1, at most 4)")
     run.add_argument("--resume", default=s(None), metavar="DIR", help="continue the run in DIR")
+    run.add_argument("--overwrite", action="store_true", default=s(False),
+                     help="start afresh in an --out directory that already holds a run, replacing its files")
     add_dataclass_flags(p.add_argument_group("training"), TrainConfig, {}, suppress)
     model_defaults = {f.name: None for f in dataclasses.fields(ModelConfig)}
     add_dataclass_flags(p.add_argument_group("model (default: the chosen preset's value)"), ModelConfig,
@@ -170,13 +172,13 @@ def resolve_args(argv):
     """Flags, with a resumed run's saved settings under the ones typed now."""
     args = vars(build_parser().parse_args(argv))
     typed = vars(build_parser(suppress=True).parse_args(argv))
+    overwrite = args.pop("overwrite")
+    typed.pop("overwrite", None)
     if args["resume"]:
         run_dir = ckpt.resolve_run_dir(args["resume"])
-        saved = ckpt.read_config(run_dir)["args"]
-        changed = [k for k in RUN_FLAGS if k in typed and typed[k] != saved[k]]
-        if changed:
-            raise ValueError(f"--resume keeps the run's {', '.join(flag(k) for k in changed)}; "
-                             f"start a new run (--out) to change them")
+        config = ckpt.read_config(run_dir)
+        saved = config["args"]
+        check_resume_flags(typed, saved, config["model"], run_dir)
         args = {**saved, **typed, "resume": str(run_dir), "out": str(run_dir)}
     if args["model"] == "bigram":
         args.update({k: v for k, v in BIGRAM_DEFAULTS.items() if k not in typed})
@@ -185,7 +187,28 @@ def resolve_args(argv):
     if args["preset"] not in PRESETS:
         raise ValueError(f"unknown preset {args['preset']!r}: choose one of {', '.join(PRESETS)}")
     args["out"] = args["out"] or str(Path("out") / (args["preset"] if args["model"] == "transformer" else "bigram"))
+    if not args["resume"] and (Path(args["out"]) / ckpt.CONFIG).exists():
+        if not overwrite:
+            raise ValueError(f"{args['out']} already holds a run: continue it with --resume {args['out']}, "
+                             f"or start it again with --overwrite (its files are replaced)")
+        args["overwrite"] = True
     return args
+
+
+def check_resume_flags(typed, saved, saved_model, run_dir):
+    """A resumed run keeps its model and data: a typed flag that would change them is an error.
+
+    Training flags (--steps, --max-time, --lr, --eval-interval, ...) may change; they are recorded.
+    """
+    fixed = {k: saved.get(k) for k in RUN_FLAGS}
+    fixed.update({f.name: saved_model.get(f.name, saved.get(f.name)) for f in dataclasses.fields(ModelConfig)})
+    if fixed["n_head"]:  # n_kv_head None or 0 means one key/value head per query head
+        fixed["n_kv_head"] = fixed["n_kv_head"] or fixed["n_head"]
+        typed = {**typed, "n_kv_head": typed.get("n_kv_head") or fixed["n_head"]} if "n_kv_head" in typed else typed
+    for name, value in typed.items():
+        if name in fixed and value != fixed[name]:
+            raise ValueError(f"{flag(name)} {value} differs from the run's {fixed[name]}: --resume {run_dir} keeps "
+                             f"the run's model and data; start a new run (--out) to change {flag(name)}")
 
 
 def build_model(args, vocab_size):
@@ -258,6 +281,12 @@ def saver(run_dir, model, optimizer):
     plot_note = ["note: pip install matplotlib to get loss.png"]  # said once
 
     def save(state, best_val):
+        tensors = {**model.state_dict(), **{f"optimizer.{i}.{k}": v for i, slots in
+                                            optimizer.state_dict()["state"].items() for k, v in slots.items()}}
+        bad = next((name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()), None)
+        if bad is not None:  # the loop stops before this happens; this guard keeps any path from saving it
+            raise TrainingDiverged(f"{bad} holds NaN or inf at step {state.step}: nothing was saved, the last "
+                                   f"good checkpoint is kept; try a lower --lr")
         ckpt.save_weights(model, run_dir / ckpt.WEIGHTS)
         if best_val is not None:
             ckpt.save_weights(model, run_dir / ckpt.BEST_WEIGHTS)
@@ -295,8 +324,9 @@ def run(argv=None):
     optimizer = make_optimizer(model, tcfg, device_type)
     state = restore(run_dir, model, optimizer, is_main) if args["resume"] else LoopState()
     if is_main:
-        if not args["resume"]:
-            (run_dir / ckpt.METRICS).unlink(missing_ok=True)
+        if args.pop("overwrite", False):
+            for name in (ckpt.METRICS, ckpt.WEIGHTS, ckpt.BEST_WEIGHTS, ckpt.STATE, "loss.png", "samples.txt"):
+                (run_dir / name).unlink(missing_ok=True)
         config = {"model": ckpt.model_config_dict(model), "block_size": block_size,
                   "tokenizer": args["tokenizer"], "tokenizer_file": TOKENIZER_FILES[args["tokenizer"]], "args": args}
         ckpt.save_run_files(run_dir, config, tok, config["tokenizer_file"])
@@ -317,7 +347,8 @@ def run(argv=None):
                               state.step * tcfg.grad_accum, device)
     state = train_loop(net, optimizer, tcfg, next_batch, val_set, state=state, run_dir=run_dir,
                        save=saver(run_dir, model, optimizer), device_type=device_type, is_main=is_main,
-                       world_size=world, on_eval=lambda m: report(val_set[0][0]) if report else {})
+                       world_size=world, on_eval=lambda m: report(val_set[0][0]) if report else {},
+                       step_seed=lambda step: hash((args["seed"], rank, step, 0)))  # 4 numbers: not a batch seed
     if is_main:
         print(f"done: step {state.step}, best val loss {state.best_val:.4f}; weights in {run_dir}/\n"
               f"next: python sample.py --model-checkpoint {run_dir}")

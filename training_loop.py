@@ -161,13 +161,16 @@ def plot_losses(runs, path):
 
 
 def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, run_dir=None, save=None,
-               device_type="cpu", is_main=True, world_size=1, on_eval=None):
+               device_type="cpu", is_main=True, world_size=1, on_eval=None, step_seed=None, clock=time.perf_counter):
     """Train `model` until `cfg.steps` (or `cfg.max_time`) and return the LoopState.
 
     next_batch() -> (x, y) gives one micro-batch. save(state, val_loss) is called
     at every evaluation, at the end and on Ctrl-C (then KeyboardInterrupt is re-raised).
     With DistributedDataParallel, gradients are only synchronised on the last
     micro-batch of a step (`no_sync`); only the main process logs and saves.
+    step_seed(step) -> int, when given, re-seeds torch's generator (dropout) before each step, so
+    the masks of step s are the same in a resumed run and differ between ranks, with no generator
+    state to save. `clock` measures training time (tests pass a fake one).
     """
     state = state or LoopState()
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
@@ -178,9 +181,11 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f}" + (" s" if cfg.max_time else "")
                + " [{elapsed}<{remaining}{postfix}]")
     model.train()
-    t_last, recent = time.perf_counter(), []
+    t_last, recent = clock(), []
     try:
         while state.step < cfg.steps and not (cfg.max_time and state.elapsed >= cfg.max_time):
+            if step_seed is not None:
+                torch.manual_seed(step_seed(state.step))  # every device's generator, CUDA's included
             progress = state.elapsed / cfg.max_time if cfg.max_time else step_progress(state.step, cfg)
             lr = lr_at(state.step, progress, cfg)
             for group in optimizer.param_groups:
@@ -199,14 +204,19 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(f"loss became {loss_value} at step {state.step + 1}: training stopped, "
                                        f"the last good checkpoint is kept; try a lower --lr")
-            if cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            # The norm is computed even with clipping off (max_norm inf leaves the gradients as they are):
+            # a finite loss can still give an inf gradient, and one AdamW step would then write NaN weights.
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # float16's scaler skips such steps
+                raise TrainingDiverged(f"the gradient norm became {grad_norm.item()} at step {state.step + 1} (the "
+                                       f"loss was {loss_value:.4f}): training stopped before the update, the last "
+                                       f"good checkpoint is kept; try a lower --lr or a --grad-clip")
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
-            now = time.perf_counter()
+            now = clock()
             state.elapsed += now - t_last
             t_step, t_last = t_last, now
             state.step += 1
@@ -224,6 +234,9 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
             last = state.step >= cfg.steps or bool(cfg.max_time and state.elapsed >= cfg.max_time)
             if state.step % cfg.eval_interval == 0 or last:
                 val = estimate_loss(model, val_batches, device_type, cfg.dtype)
+                if not math.isfinite(val):
+                    raise TrainingDiverged(f"the validation loss became {val} at step {state.step}: training "
+                                           f"stopped, the last good checkpoint is kept; try a lower --lr")
                 improved = val < state.best_val
                 state.best_val = min(val, state.best_val)
                 state.evals_since_best = 0 if improved else state.evals_since_best + 1
@@ -237,10 +250,10 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
                 if cfg.patience and state.evals_since_best >= cfg.patience:
                     bar.write(f"no better val loss for {cfg.patience} evaluations: stopping early")
                     break
-                t_last = time.perf_counter()  # evaluating and saving do not count against --max-time
+                t_last = clock()  # evaluating and saving do not count against --max-time
             elif cfg.ckpt_every and state.step % cfg.ckpt_every == 0 and is_main and save:
                 save(state, None)
-                t_last = time.perf_counter()
+                t_last = clock()
     except KeyboardInterrupt:
         if is_main and save:
             bar.write(f"interrupted at step {state.step}: saving a checkpoint …")
