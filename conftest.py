@@ -11,6 +11,19 @@ ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own tmp_path plugin has set up its factory
+def pytest_configure(config):
+    """Hypothesis keeps its example database under pytest's temporary directory, not in the checkout."""
+    from hypothesis import settings
+    from hypothesis.configuration import set_hypothesis_home_dir
+    from hypothesis.database import DirectoryBasedExampleDatabase
+
+    home = config._tmp_path_factory.getbasetemp() / "hypothesis"
+    set_hypothesis_home_dir(home)  # its caches
+    settings.register_profile("project", database=DirectoryBasedExampleDatabase(home / "examples"))
+    settings.load_profile("project")
+
+
 @pytest.fixture(autouse=True)
 def fail_a_hung_test():
     """A test still running after 5 minutes ends the run, printing every thread's stack, instead of stalling CI."""

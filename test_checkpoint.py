@@ -72,14 +72,21 @@ def test_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 class Exploit:
+    """Unpickling this calls open(path, "w"): a file appears if the loader runs pickled code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
     def __reduce__(self):
-        return (open, ("/tmp/pwned-by-checkpoint", "w"))
+        return (open, (self.path, "w"))
 
 
 def test_malicious_pickle_is_refused(tmp_path):
-    torch.save({"model": Exploit()}, tmp_path / ckpt.STATE)
+    pwned = tmp_path / "pwned"
+    torch.save({"model": Exploit(pwned)}, tmp_path / ckpt.STATE)
     with pytest.raises(ValueError, match="damaged or holds more than plain tensors"):
         ckpt.load_training_state(tmp_path)
+    assert not pwned.exists()
 
 
 def test_truncated_files_give_clear_errors(tmp_path):

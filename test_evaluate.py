@@ -6,6 +6,7 @@ import torch
 import evaluate
 import train
 from bigram_lm import BigramLM
+from bpe_tokenizer import BPETokenizer
 from checkpoint import load_run
 from evaluate import score, windows
 
@@ -30,6 +31,20 @@ def test_score_equals_the_sum_of_per_token_losses():
         assert count == 199 and total == pytest.approx(by_hand, rel=1e-5)
 
 
+def test_bits_per_char_of_a_uniform_model_over_two_character_tokens(tmp_path, monkeypatch):
+    """Hand-computed: 50 tokens "ab" under a uniform model over 260 ids (256 bytes, 1 merge, 3 special). The
+    first token is context, so 49
+    targets of log2(260) bits each cover the other 98 characters: log2(260) / 2 bits per character."""
+    monkeypatch.chdir(tmp_path)  # the token cache goes under out/
+    tok = BPETokenizer.train("ab" * 50, vocab_size=260, verbose=False)
+    assert tok.encode("ab" * 50) == [256] * 50
+    model = BigramLM(260)
+    with torch.no_grad():
+        model.table.weight.zero_()
+    result = evaluate.evaluate_text(model, tok, "ab" * 50, block_size=8)
+    assert result["bits_per_char"] == pytest.approx(math.log2(260) / 2, rel=1e-6)
+
+
 def test_sliding_window_is_no_worse_and_cli_prints_all_metrics(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     text = "".join(f"line {i % 17} of the song goes la la {i % 5}\n" for i in range(600))
@@ -42,7 +57,7 @@ def test_sliding_window_is_no_worse_and_cli_prints_all_metrics(tmp_path, monkeyp
     plain = evaluate.evaluate_text(model, tok, held, 32)
     sliding = evaluate.evaluate_text(model, tok, held, 32, stride=8)
     assert sliding["loss"] <= plain["loss"]
-    assert plain["bits_per_char"] == pytest.approx(plain["loss"] * plain["tokens"] / plain["chars"] / math.log(2))
+    assert plain["bits_per_char"] == pytest.approx(plain["loss"] / math.log(2))  # a char run: one token a char
     capsys.readouterr()
     evaluate.main(["run", "--split", "test"])
     out = capsys.readouterr().out
