@@ -11,6 +11,7 @@ Run the demo: `python dataset.py`
 """
 import hashlib
 import os
+import sys
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -227,4 +228,8 @@ def _demo():
 
 
 if __name__ == "__main__":
-    _demo()
+    try:
+        _demo()
+    except (ValueError, FileNotFoundError) as e:  # e.g. offline without the corpus: one line, as train.py says it
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,4 +1,8 @@
 import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,6 +11,8 @@ import torch
 import dataset
 from char_tokenizer import CharTokenizer
 from dataset import BlockDataset, encode_cached, get_batch, read_text, split_text
+
+ROOT = Path(__file__).resolve().parent
 
 
 def test_split_is_contiguous_90_5_5_and_deterministic():
@@ -107,3 +113,14 @@ def test_epoch_batches_shard_across_ranks_through_worker_processes():
     ranks = [dataset.epoch_batches(data, 10, batch_size=2, seed=0, rank=r, world=2, workers=1) for r in (0, 1)]
     seen = [{int(x[i, 0]) for _ in range(4) for x in [next(stream)[0]] for i in range(2)} for stream in ranks]
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 16
+
+
+def test_the_demo_offline_without_the_corpus_says_so_in_one_line(tmp_path):
+    """No corpus and no network (a proxy on a closed local port): one line naming the URL, exit 2."""
+    env = {**os.environ, "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    result = subprocess.run([sys.executable, str(ROOT / "dataset.py")], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert dataset.CORPUS_URL in lines[0] and "save it as tiny_shakespeare.txt" in lines[0]
+    assert list(tmp_path.iterdir()) == []
