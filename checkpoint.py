@@ -239,6 +239,9 @@ def dequantize_state(tensors, bits):
         scale = tensors.pop(name + "_scale", None)
         if scale is None:
             raise ValueError(f"{name} is stored as integers without {name}_scale: re-run quantize.py")
+        if scale.shape[0] != tensors[name].shape[0]:  # one row of scales per output channel
+            raise ValueError(f"{name} {list(tensors[name].shape)} and {name}_scale {list(scale.shape)} differ in "
+                             f"rows: the quantized weights are damaged; re-run quantize.py")
         tensors[name] = dequantize(tensors[name], scale, bits)
     return tensors
 
