@@ -172,21 +172,20 @@ def test_every_loader_names_the_tensor_that_does_not_fit(trained_run, tmp_path, 
                                                         damage):
     run = shutil.copytree(trained_run, tmp_path / "run")
     module, argv = loader_argv(command, run, tmp_path)
-    if command == "train --resume":  # resuming reads the training state, every other loader the weights
-        saved = torch.load(run / ckpt.STATE, weights_only=True)
-        tensors, write = saved["model"], lambda: torch.save(saved, run / ckpt.STATE)
-    else:
-        tensors = safetensors.torch.load_file(run / ckpt.WEIGHTS)
-        write = lambda: safetensors.torch.save_file(tensors, run / ckpt.WEIGHTS)  # noqa: E731
-    good = list(tensors[TARGET].shape)  # [3 · n_embd, n_embd]
-    assert good == [96, 32]
+    resuming = command == "train --resume"  # it reads the training state, every other loader the weights
+    saved = torch.load(run / ckpt.STATE, weights_only=True)
+    tensors = saved["model"] if resuming else safetensors.torch.load_file(run / ckpt.WEIGHTS)
+    assert list(tensors[TARGET].shape) == [96, 32]  # [3 · n_embd, n_embd]
     if damage == "renamed":
         tensors["blocks.0.attn.qkv_renamed.weight"] = tensors.pop(TARGET)
         expected = [TARGET, "missing", "blocks.0.attn.qkv_renamed.weight", "[96, 32]"]
     else:
         tensors[TARGET] = tensors[TARGET].reshape(32, 96)
         expected = [TARGET, "[32, 96] in the file", "[96, 32] in the model"]
-    write()
+    if resuming:
+        torch.save(saved, run / ckpt.STATE)
+    else:
+        safetensors.torch.save_file(tensors, run / ckpt.WEIGHTS)
     monkeypatch.chdir(tmp_path)
     line = one_error_line(module, argv, capsys)
     assert all(part in line for part in expected), line
