@@ -76,6 +76,47 @@ def save_weights(model, path):
     atomic_write(path, lambda tmp: save_model(model, tmp))
 
 
+def pick_device(name):
+    """The device to run on: "auto" picks the best one here; "cpu", "cuda" or "mps" only if present."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name} is not available on this machine; use --device cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name!r} is not one of auto, cpu, cuda, mps")
+    return name
+
+
+def first_mismatch(tensors, expected):
+    """What is wrong with the first tensor of `tensors` that does not fit `expected` (both name -> tensor), or None.
+
+    A renamed tensor shows up twice, as a name that is missing and a stray one: the answer names both.
+    """
+    stray = [name for name in tensors if name not in expected]
+    for name, want in expected.items():
+        if name not in tensors:
+            instead = f" (the file has {stray[0]} {list(tensors[stray[0]].shape)} instead)" if stray else ""
+            return f"{name} {list(want.shape)} is missing{instead}"
+        if tensors[name].shape != want.shape:
+            return f"{name} is {list(tensors[name].shape)} in the file but {list(want.shape)} in the model"
+    if stray:
+        return f"{stray[0]} {list(tensors[stray[0]].shape)} is unexpected: the model has no such tensor"
+    return None
+
+
+def check_state_dict(tensors, model, source):
+    """Raise ValueError naming the first tensor of `tensors` (from the file `source`) that does not fit `model`.
+
+    Checked before load_state_dict, whose error lists every mismatch over many lines and says nothing of the fix.
+    """
+    problem = first_mismatch(tensors, model.state_dict())
+    if problem:
+        raise ValueError(f"{source} does not fit the model in {CONFIG}: {problem}; "
+                         f"load weights with the {CONFIG} of the run that saved them")
+
+
 def load_weights(model, path, quantization=None):
     """Load safetensors weights into `model`, strictly (every tensor must match).
 
@@ -91,14 +132,11 @@ def load_weights(model, path, quantization=None):
     state = model.state_dict()
     for name in state:  # tied weights were stored once: give every alias the stored tensor
         if name not in tensors:
-            twin = next((n for n in tensors if state[n].data_ptr() == state[name].data_ptr()), None)
+            twin = next((n for n in tensors if n in state and state[n].data_ptr() == state[name].data_ptr()), None)
             if twin is not None:
                 tensors[name] = tensors[twin]
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise ValueError(f"{path} does not fit the model in {CONFIG} ({first})") from None
+    check_state_dict(tensors, model, path)
+    model.load_state_dict(tensors, strict=True)
     return model
 
 
@@ -138,8 +176,9 @@ def read_config(run_dir):
 def load_run(path, device="cpu", weights=WEIGHTS):
     """Rebuild a trained model and its tokenizer from a run directory.
 
-    Returns (model in eval mode on `device`, tokenizer, config dict).
+    Returns (model in eval mode on `device` ("auto" picks one), tokenizer, config dict).
     """
+    device = pick_device(device)
     run_dir = resolve_run_dir(path)
     config = read_config(run_dir)
     if not (run_dir / weights).is_file():
@@ -200,6 +239,9 @@ def dequantize_state(tensors, bits):
         scale = tensors.pop(name + "_scale", None)
         if scale is None:
             raise ValueError(f"{name} is stored as integers without {name}_scale: re-run quantize.py")
+        if scale.shape[0] != tensors[name].shape[0]:  # one row of scales per output channel
+            raise ValueError(f"{name} {list(tensors[name].shape)} and {name}_scale {list(scale.shape)} differ in "
+                             f"rows: the quantized weights are damaged; re-run quantize.py")
         tensors[name] = dequantize(tensors[name], scale, bits)
     return tensors
 

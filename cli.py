@@ -151,7 +151,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--stop", default="\\n\\n",
                    help='an answer ends at this text (default: "%(default)s"; "" for none)')
-    p.add_argument("--device", default="cpu", help="cpu | cuda | mps (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | mps (default: %(default)s)")
     return p
 
 

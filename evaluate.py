@@ -105,7 +105,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="windows per forward pass (default: %(default)s)")
     p.add_argument("--weights", choices=["model", "best"], default="model", help="latest or best weights "
                    "(default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | mps (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | mps (default: %(default)s)")
     p.add_argument("--no-samples", action="store_true", help="do not write samples.txt")
     args = p.parse_args(argv)
     try:
@@ -115,7 +115,8 @@ def main(argv=None):
         if args.stride is not None and not 0 < args.stride <= block_size:
             raise ValueError(f"--stride must be in 1..{block_size} (the block size), got {args.stride}")
         text = split_of(config, args.split)
-        result = evaluate_text(model, tok, text, block_size, args.stride, args.batch_size, args.device)
+        result = evaluate_text(model, tok, text, block_size, args.stride, args.batch_size,
+                               next(model.parameters()).device)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -238,7 +238,7 @@ def build_parser():
     p.add_argument("--num-samples", type=int, default=1, help="independent samples (default: %(default)s)")
     p.add_argument("--stop", default=None, help='stop at this text, e.g. "\\n\\n" (escapes allowed)')
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | mps (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | mps (default: %(default)s)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every step")
     return p
 
@@ -269,7 +269,7 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     stop = args.stop.replace("\\n", "\n").replace("\\t", "\t") if args.stop else None
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     try:
         for i in range(args.num_samples):
             if args.num_samples > 1:

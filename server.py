@@ -72,12 +72,12 @@ def sse(pieces_iter):
     yield "data: [DONE]\n\n"
 
 
-def create_app(run_dir):
-    """A FastAPI app serving the run in `run_dir`: POST /generate, GET /info."""
+def create_app(run_dir, device="cpu"):
+    """A FastAPI app serving the run in `run_dir` on `device`: POST /generate, GET /info."""
     from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
 
-    model, tok, config = load_run(run_dir)
+    model, tok, config = load_run(run_dir, device)
     GenerateRequest = request_model()
     app = FastAPI(title="LLM from scratch", description=f"serving {run_dir}")
     info = {"run": str(run_dir), "model": config["model"], "tokenizer": config.get("tokenizer"),
@@ -101,11 +101,12 @@ def main(argv=None):
     p.add_argument("run", help="run directory (or a file in it), e.g. out/gpt")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda | mps (default: %(default)s)")
     args = p.parse_args(argv)
     try:
         import uvicorn
 
-        app = create_app(args.run)
+        app = create_app(args.run, args.device)
     except ModuleNotFoundError as e:
         print(f"error: {INSTALL} ({e.name} is missing)", file=sys.stderr)
         sys.exit(2)

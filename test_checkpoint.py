@@ -1,4 +1,5 @@
 import json
+import shutil
 from dataclasses import asdict
 
 import pytest
@@ -115,3 +116,111 @@ def test_tokenizer_mismatch_and_missing_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         ckpt.load_run(tmp_path / "no" / "such-run")
     assert json.loads((run / ckpt.CONFIG).read_text())["model"]["model"] == "bigram"
+
+
+# --- Every loader, on weights that do not fit its config.json: one line on stderr, exit 2 ---------
+TEXT = "to be or not to be, that is the question: whether tis nobler in the mind to suffer\n" * 30
+TARGET = "blocks.0.attn.qkv.weight"  # untied, so no alias of it hides the damage
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A real two-step run of train.py (config.json with its args, checkpoint_latest.pt), made once."""
+    import train
+
+    root = tmp_path_factory.mktemp("trained")
+    (root / "text.txt").write_text(TEXT, encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)  # the token cache goes under out/ of the working directory
+        train.run(["--data", str(root / "text.txt"), "--out", str(root / "run"), "--block-size", "16",
+                   "--batch-size", "4", "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--steps", "2",
+                   "--eval-interval", "2", "--eval-iters", "1", "--device", "cpu"])
+    return root / "run"
+
+
+def loader_argv(command, run, tmp_path):
+    """The module and argv that load `run` the way `command` does."""
+    import cli
+    import evaluate
+    import quantize
+    import sample
+    import train
+
+    if command == "server":
+        pytest.importorskip("uvicorn")
+        pytest.importorskip("fastapi")
+        import server
+        return server, [str(run)]
+    return {"train --resume": (train, ["--resume", str(run)]),
+            "sample": (sample, ["--model-checkpoint", str(run), "--max-new-tokens", "2"]),
+            "evaluate": (evaluate, [str(run), "--no-samples"]),
+            "cli": (cli, [str(run)]),
+            "quantize": (quantize, [str(run), "--bits", "8", "--out", str(tmp_path / "q8")])}[command]
+
+
+def one_error_line(module, argv, capsys):
+    """Run a command line in-process; it must exit 2 with exactly one line on stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+LOADERS = ["train --resume", "sample", "evaluate", "cli", "server", "quantize"]
+
+
+@pytest.mark.parametrize("damage", ["renamed", "reshaped"])
+@pytest.mark.parametrize("command", LOADERS)
+def test_every_loader_names_the_tensor_that_does_not_fit(trained_run, tmp_path, monkeypatch, capsys, command,
+                                                        damage):
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    module, argv = loader_argv(command, run, tmp_path)
+    resuming = command == "train --resume"  # it reads the training state, every other loader the weights
+    saved = torch.load(run / ckpt.STATE, weights_only=True)
+    tensors = saved["model"] if resuming else safetensors.torch.load_file(run / ckpt.WEIGHTS)
+    assert list(tensors[TARGET].shape) == [96, 32]  # [3 · n_embd, n_embd]
+    if damage == "renamed":
+        tensors["blocks.0.attn.qkv_renamed.weight"] = tensors.pop(TARGET)
+        expected = [TARGET, "missing", "blocks.0.attn.qkv_renamed.weight", "[96, 32]"]
+    else:
+        tensors[TARGET] = tensors[TARGET].reshape(32, 96)
+        expected = [TARGET, "[32, 96] in the file", "[96, 32] in the model"]
+    if resuming:
+        torch.save(saved, run / ckpt.STATE)
+    else:
+        safetensors.torch.save_file(tensors, run / ckpt.WEIGHTS)
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(module, argv, capsys)
+    assert all(part in line for part in expected), line
+    assert not (tmp_path / "q8").exists()
+
+
+def test_a_stray_tensor_beside_tied_weights_is_named(tmp_path):
+    tok = CharTokenizer.train("abcdefghijkl")
+    run = make_run(tmp_path, tiny_transformer("llama", tok.vocab_size), tok)
+    tensors = safetensors.torch.load_file(run / ckpt.WEIGHTS)
+    tensors["extra.bias"] = torch.zeros(7)
+    safetensors.torch.save_file(tensors, run / ckpt.WEIGHTS)
+    with pytest.raises(ValueError, match=r"extra\.bias \[7\] is unexpected"):
+        ckpt.load_run(run)
+
+
+def test_first_mismatch_follows_the_models_order():
+    expected = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
+    assert ckpt.first_mismatch({"a": torch.ones(2, 3), "b": torch.ones(4)}, expected) is None
+    assert ckpt.first_mismatch({"b": torch.ones(5)}, expected) == "a [2, 3] is missing"
+    assert ckpt.first_mismatch({"a": torch.ones(3, 2), "b": torch.ones(5)}, expected) == \
+        "a is [3, 2] in the file but [2, 3] in the model"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", ["train --resume", "sample", "evaluate", "cli", "server"])
+def test_every_command_says_when_cuda_is_absent(trained_run, tmp_path, monkeypatch, capsys, command):
+    module, argv = loader_argv(command, trained_run, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(module, [*argv, "--device", "cuda"], capsys)
+    assert line == "error: --device cuda is not available on this machine; use --device cpu"

@@ -4,8 +4,10 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import quantize
+import sample
 from char_tokenizer import CharTokenizer
 from checkpoint import WEIGHTS, dequantize, load_run, model_config_dict, save_run_files, save_weights, unpack_int4
 from quantize import pack_int4, quantize_int4, quantize_int8, quantize_run
@@ -128,3 +130,28 @@ def test_command_line_errors_exit_2(tmp_path, capsys):
     quantize.main([str(trained_run_dir), "--bits", "4", "--group-size", "16", "--out", str(tmp_path / "new")])
     assert "smaller" in capsys.readouterr().out
     assert load_run(tmp_path / "new")[2]["quantization"]["group_size"] == 16
+
+
+@pytest.mark.parametrize("damage", ["renamed", "reshaped"])
+def test_damaged_quantized_weights_give_one_line(tmp_path, capsys, damage):
+    tok = CharTokenizer.train("abcdef")
+    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=32))
+    save_run_files(tmp_path / "run", {"model": model_config_dict(model), "block_size": 8, "tokenizer": "char",
+                                      "tokenizer_file": "tokenizer.json"}, tok, "tokenizer.json")
+    save_weights(model, tmp_path / "run" / WEIGHTS)
+    quantize_run(tmp_path / "run", tmp_path / "q8", 8)
+    name = "blocks.0.attn.qkv.weight"  # int8 (96, 32) with scales (96, 1)
+    tensors = load_file(tmp_path / "q8" / WEIGHTS)
+    if damage == "renamed":  # integers and scale renamed together: they still dequantize, under a stray name
+        tensors["qkv.weight"], tensors["qkv.weight_scale"] = tensors.pop(name), tensors.pop(name + "_scale")
+        expected = [name, "[96, 32] is missing", "qkv.weight [96, 32]"]
+    else:
+        tensors[name] = tensors[name].reshape(32, 96)
+        expected = [name, "[32, 96]", "[96, 1]"]
+    save_file(tensors, tmp_path / "q8" / WEIGHTS)
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--model-checkpoint", str(tmp_path / "q8"), "--max-new-tokens", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and all(part in lines[0] for part in expected), err

@@ -108,18 +108,6 @@ def build_parser(suppress=False):
     return p
 
 
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name} is not available on this machine; use --device cpu")
-    if name not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name!r} is not one of auto, cpu, cuda, mps")
-    return name
-
-
 def pick_dtype(dtype, device):
     """The requested precision, or float32 with a note where the device lacks it."""
     if dtype == "float16" and device == "cpu":
@@ -266,6 +254,7 @@ def batch_stream(args, ids, block_size, batch_size, rank, world, start, device):
 def restore(run_dir, model, optimizer, is_main):
     """Load checkpoint_latest.pt into model and optimizer; drop metrics rows from after it."""
     saved = ckpt.load_training_state(run_dir)
+    ckpt.check_state_dict(saved["model"], model, run_dir / ckpt.STATE)
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     set_rng_state(saved["rng"])
@@ -301,7 +290,7 @@ def saver(run_dir, model, optimizer):
 def run(argv=None):
     """Train as the flags say; returns the final LoopState."""
     args = resolve_args(argv)
-    device, rank, world = setup_distributed(pick_device(args["device"]))
+    device, rank, world = setup_distributed(ckpt.pick_device(args["device"]))
     is_main, device_type = rank == 0, device.split(":")[0]
     tcfg = TrainConfig(**{f.name: args[f.name] for f in dataclasses.fields(TrainConfig)})
     tcfg.dtype = pick_dtype(tcfg.dtype, device_type)
