@@ -10,10 +10,11 @@ way) and prints a small table. Speed targets live here, never in tests.
 import argparse
 import dataclasses
 import io
+import json
 import math
 import multiprocessing
 import os
-import resource
+import random
 import statistics
 import subprocess
 import sys
@@ -26,12 +27,13 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+from safetensors.torch import load_file
 
 import evaluate
 import train
-from bpe_tokenizer import BPETokenizer, SentencePieceTokenizer
+from bpe_tokenizer import BPETokenizer, SentencePieceTokenizer, load_tokenizer
 from char_tokenizer import CharTokenizer
-from checkpoint import WEIGHTS, load_run, model_config_dict, save_run_files, save_weights
+from checkpoint import STATE, WEIGHTS, load_run, load_training_state, model_config_dict, save_run_files, save_weights
 from quantize import quantize_run
 from sample import generate
 from training_loop import read_metrics
@@ -365,11 +367,14 @@ def steady_tokens_per_sec(run_dir, skip_steps=20):
 
 
 def run_child(args, threads=1):
-    """Run a command line in a fresh process with `threads` threads; returns its peak RSS in MB."""
+    """Run a command line in a fresh process with `threads` threads; returns the peak RSS of that
+    process, in MB (os.wait4 reports the one child, not the maximum over every child so far)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run(args, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), args)
+    return usage.ru_maxrss / 1024
 
 
 def bench_training(steps=80):
@@ -413,6 +418,57 @@ def bench_tokenizer_models(budget=90.0):
 
 
 BENCHES["tokenizer-models"] = bench_tokenizer_models
+
+
+def load_every_file(run_dir):
+    """Open every file of a run directory as its reader would; returns (step saved, stray .tmp files)."""
+    tmp_files = sorted(p.name for p in run_dir.glob(".*.tmp"))
+    if not (run_dir / "config.json").exists():  # killed before the run wrote anything
+        return 0, tmp_files
+    config = json.loads((run_dir / "config.json").read_text())
+    load_tokenizer(run_dir / config["tokenizer_file"])
+    for name in ("model.safetensors", "best.safetensors"):
+        if (run_dir / name).exists():
+            load_file(run_dir / name)
+    if (run_dir / "metrics.jsonl").exists():
+        read_metrics(run_dir / "metrics.jsonl")
+    if (run_dir / "loss.png").exists() and not (run_dir / "loss.png").read_bytes().endswith(b"IEND\xaeB`\x82"):
+        raise ValueError("loss.png is cut short")
+    step = load_training_state(run_dir)["loop"]["step"] if (run_dir / STATE).exists() else 0
+    return step, tmp_files
+
+
+def bench_kill(kills=20, seed=0):
+    """kill -9 a training run at 20 random moments, resuming it each time: every file must load."""
+    rng = random.Random(seed)
+    flags = ["--preset", "llama", "--n-layer", "2", "--batch-size", "8", "--steps", str(10**6), "--eval-interval",
+             "40", "--eval-iters", "2", "--ckpt-every", "7", "--log-interval", "1"]
+    rows, stray = [], 0
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        start = [sys.executable, "train.py", *flags, "--out", str(run_dir)]
+        for i in range(kills):
+            cmd = [sys.executable, "train.py", "--resume", str(run_dir)] if (run_dir / "config.json").exists() \
+                else start  # killed before the run directory was made: there is nothing to resume yet
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            moment = rng.uniform(1.0, 12.0)  # from Python's start-up to well into training and saving
+            time.sleep(moment)
+            proc.kill()
+            proc.wait()
+            step, tmp_files = load_every_file(run_dir)
+            stray += len(tmp_files)
+            rows.append([i + 1, "resume" if cmd is not start else "start", f"{moment:.2f} s", step, len(tmp_files)])
+        final = subprocess.run([sys.executable, "train.py", "--resume", str(run_dir), "--steps", str(step + 20)],
+                               capture_output=True, text=True)
+        if final.returncode:
+            raise RuntimeError(f"the last resume failed: {final.stderr.strip().splitlines()[-1]}")
+        end, tmp_files = load_every_file(run_dir)
+    print_table(["kill", "run", "killed after", "step saved", "stray .tmp files"], rows)
+    print(f"\n{kills} kills, every file loaded after each; the last resume went on from step {step} to {end} "
+          f"(stray temporary files: {stray} seen, {len(tmp_files)} left after resuming)")
+
+
+BENCHES["kill"] = bench_kill
 
 
 def main():

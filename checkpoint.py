@@ -141,11 +141,11 @@ def load_weights(model, path, quantization=None):
 
 
 def save_run_files(run_dir, config, tokenizer, tokenizer_file):
-    """config.json and the tokenizer: written once, at the start of a run."""
+    """The tokenizer, then config.json (so a run directory with a config always has its tokenizer)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / CONFIG, config)
     atomic_write(run_dir / tokenizer_file, tokenizer.save)
+    write_json(run_dir / CONFIG, config)
 
 
 def save_training_state(run_dir, state):

@@ -240,3 +240,18 @@ def test_resume_accepts_training_flags_and_records_them(tmp_path, corpus, monkey
     assert state.step == 4
     args = json.loads((tmp_path / "run" / "config.json").read_text())["args"]
     assert (args["steps"], args["lr"], args["eval_interval"]) == (4, 5e-4, 4)
+
+
+def test_resume_after_a_kill_before_the_first_checkpoint_or_mid_write(tmp_path, corpus, monkeypatch):
+    """What kill -9 can leave: no checkpoint yet, a torn metrics row, a temporary file of a cut-short write."""
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, "--steps", "4", "--eval-interval", "2")
+    run = tmp_path / "run"
+    (run / "checkpoint_latest.pt").unlink()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "train_lo')
+    (run / ".model.safetensors.abc123.tmp").write_bytes(b"half a file")
+    state = train.run(["--resume", str(run)])
+    assert state.step == 4
+    assert [r["step"] for r in metrics(run) if "val_loss" in r] == [2, 4]  # started again at 0, rows not doubled
+    assert list(run.glob(".*.tmp")) == []

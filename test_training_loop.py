@@ -169,3 +169,12 @@ def test_an_inf_gradient_stops_before_the_update(grad_clip):
     with pytest.raises(TrainingDiverged, match="gradient norm became inf at step 4"):
         train_loop(model, make_optimizer(model, cfg), cfg, lambda: (x, x), [(x, x)], save=save)
     assert saves == [3] and torch.equal(model.table.weight, weights[0])
+
+
+def test_read_metrics_drops_only_a_torn_last_row(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "train_lo')
+    assert training_loop.read_metrics(path) == [{"step": 1}, {"step": 2}]
+    path.write_text('{"step": 1}\n{"step": 2, "train_lo\n{"step": 3}\n')  # a broken row inside is an error
+    with pytest.raises(ValueError):
+        training_loop.read_metrics(path)

@@ -252,16 +252,25 @@ def batch_stream(args, ids, block_size, batch_size, rank, world, start, device):
 
 
 def restore(run_dir, model, optimizer, is_main):
-    """Load checkpoint_latest.pt into model and optimizer; drop metrics rows from after it."""
-    saved = ckpt.load_training_state(run_dir)
-    ckpt.check_state_dict(saved["model"], model, run_dir / ckpt.STATE)
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    set_rng_state(saved["rng"])
-    state = LoopState(**saved["loop"])
-    if is_main and (run_dir / ckpt.METRICS).exists():
-        kept = [json.dumps(r) + "\n" for r in read_metrics(run_dir / ckpt.METRICS) if r["step"] <= state.step]
-        ckpt.atomic_write_bytes(run_dir / ckpt.METRICS, "".join(kept).encode())
+    """Load checkpoint_latest.pt into model and optimizer; drop metrics rows from after it and the
+    temporary files of writes that a kill cut short. A run stopped before its first checkpoint
+    starts again at step 0."""
+    state = LoopState()
+    if (run_dir / ckpt.STATE).exists():
+        saved = ckpt.load_training_state(run_dir)
+        ckpt.check_state_dict(saved["model"], model, run_dir / ckpt.STATE)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        set_rng_state(saved["rng"])
+        state = LoopState(**saved["loop"])
+    elif is_main:
+        print(f"{run_dir} has no {ckpt.STATE} yet (it stopped before its first checkpoint): starting at step 0")
+    if is_main:
+        for tmp in run_dir.glob(".*.tmp"):  # dataset.atomic_write's names
+            tmp.unlink()
+        if (run_dir / ckpt.METRICS).exists():
+            kept = [json.dumps(r) + "\n" for r in read_metrics(run_dir / ckpt.METRICS) if r["step"] <= state.step]
+            ckpt.atomic_write_bytes(run_dir / ckpt.METRICS, "".join(kept).encode())
     return state
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dataset import atomic_write
+
 
 @dataclass
 class TrainConfig:
@@ -124,8 +126,13 @@ def append_metrics(run_dir, row):
 
 
 def read_metrics(path):
+    """The rows of a metrics.jsonl. Rows are appended, so a process killed mid-write can leave a torn
+    last line (and only that one): it is dropped."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    return [json.loads(line) for line in lines]
 
 
 def plot_losses(runs, path):
@@ -155,7 +162,7 @@ def plot_losses(runs, path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))  # a kill never leaves half a PNG
     plt.close(fig)
     return True
 
