@@ -28,6 +28,7 @@ import tempfile
 import time
 import unicodedata
 from collections import Counter
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,7 @@ LATIN_RANGES = ((0x41, 0x5A), (0x61, 0x7A), (0xC0, 0x24F), (0x1E00, 0x1EFF), (0x
 # without kana, comes out "ja" (kana would tell, but Japanese titles, dates and lists often lack it).
 JAPANESE_WEIGHT = 2.5
 BATCH_LINES = 4096  # lines classified per numpy call: large enough to be fast, small enough to stay flat
-PROGRESS_EVERY = 1 << 20  # bytes read between progress bar updates (an update costs ~1 µs)
+CHUNK_BYTES = 1 << 20  # read and decode files a megabyte at a time: fast, and memory stays flat
 
 
 def script_table():
@@ -118,17 +119,18 @@ def clean_stream(lines, report, *, nfkc=True, strip=True, min_chars=1, dedup=Tru
     # The hash is salted per process, which is fine: the set lives only for this run.
     seen, batch = set(), []
     for line in lines:
-        report["lines_in"] += 1
         if nfkc:
             line = unicodedata.normalize("NFKC", line)
         if strip:
             line = line.strip()
         if len(line) < min_chars:
+            report["lines_in"] += 1
             report["removed_short"] += 1
             continue
         if dedup:
             key = hash(line)
             if key in seen:
+                report["lines_in"] += 1
                 report["removed_duplicate"] += 1
                 continue
             seen.add(key)
@@ -140,15 +142,14 @@ def clean_stream(lines, report, *, nfkc=True, strip=True, min_chars=1, dedup=Tru
 
 
 def language_rule(batch, report, languages):
-    """Rule 5 on a batch of lines: count each line's language, yield the lines whose language is kept."""
-    seen = report["languages"]
-    for line, language in zip(batch, detect_languages(batch)):
-        seen[language] += 1
-        if languages is None or language in languages:
-            report["lines_out"] += 1
-            yield line
-        else:
-            report["removed_language"] += 1
+    """Rule 5 on a batch of lines that passed rules 1–4: count their languages, return the lines kept."""
+    found = detect_languages(batch)
+    report["languages"].update((lang, report["languages"][lang] + n) for lang, n in Counter(found).items())
+    kept = batch if languages is None else [line for line, lang in zip(batch, found) if lang in languages]
+    report["lines_in"] += len(batch)
+    report["lines_out"] += len(kept)
+    report["removed_language"] += len(batch) - len(kept)
+    return kept
 
 
 def clean_lines(lines, *, nfkc=True, strip=True, min_chars=1, dedup=True, languages=None):
@@ -182,31 +183,34 @@ def record_texts(line, where):
 
 
 def read_lines(path, advance=lambda n_bytes: None):
-    """Yield the text lines of one file, reading one line of it at a time; `advance` hears the bytes read.
+    """Yield the text lines of one file, reading about a megabyte of it at a time; `advance` hears the bytes read.
 
     .jsonl: the texts of each record (record_texts), cut at newlines; any other file: its lines.
     Bad input raises ValueError naming the file and the byte offset (not UTF-8) or line (not JSON).
     """
-    path, offset, pending = Path(path), 0, 0
+    path, offset, number = Path(path), 0, 0  # bytes and lines before the current chunk
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
+        for chunk in iter(lambda: f.readlines(CHUNK_BYTES), []):  # whole lines, about CHUNK_BYTES of them
+            data = b"".join(chunk)
             try:
-                line = raw.decode("utf-8")
+                text = data.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{path}: not UTF-8 at byte {offset + e.start} (line {number}); "
+                line = number + data.count(b"\n", 0, e.start) + 1
+                raise ValueError(f"{path}: not UTF-8 at byte {offset + e.start} (line {line}); "
                                  "convert it first, e.g. iconv -f SHIFT_JIS -t UTF-8") from None
-            offset, pending = offset + len(raw), pending + len(raw)
-            if pending >= PROGRESS_EVERY:
-                advance(pending)
-                pending = 0
-            if number == 1:
-                line = line.removeprefix("\ufeff")  # a byte-order mark is not text
+            if offset == 0:
+                text = text.removeprefix("\ufeff")  # a byte-order mark is not text
+            lines = text.replace("\r\n", "\n").split("\n")
+            if lines[-1] == "":  # the chunk ends at a newline: nothing after it
+                lines.pop()
             if path.suffix == ".jsonl":
-                for text in record_texts(line, f"{path} line {number}"):
-                    yield from text.split("\n")
+                for i, line in enumerate(lines, number + 1):
+                    for record in record_texts(line, f"{path} line {i}"):
+                        yield from record.split("\n")
             else:
-                yield line.removesuffix("\n").removesuffix("\r")
-    advance(pending)
+                yield from lines
+            offset, number = offset + len(data), number + len(chunk)
+            advance(len(data))
 
 
 def clean_files(paths, out, *, progress=True, **options):
@@ -227,7 +231,7 @@ def clean_files(paths, out, *, progress=True, **options):
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f, \
                 tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True,
                      disable=None if progress else True, desc="cleaning") as bar:  # None: on a terminal only
-            lines = (line for path in paths for line in read_lines(path, bar.update))
+            lines = chain.from_iterable(read_lines(path, bar.update) for path in paths)
             for line in clean_stream(lines, report, **options):
                 f.write(line + "\n")
         os.replace(tmp, out)
