@@ -123,6 +123,9 @@ def test_rules_run_in_order():
     # NFKC before dedup: the full-width line repeats the first one only once folded.
     assert clean_lines(["ABC", "ＡＢＣ"])[0] == ["ABC"]
     assert clean_lines(["ABC", "ＡＢＣ"], nfkc=False)[0] == ["ABC", "ＡＢＣ"]
+    # NFKC before strip: NFKC turns the acute accent ´ into a space and a combining accent, strip drops the space.
+    assert clean_lines(["´a"], strip=False)[0] == [" \u0301a"]
+    assert clean_lines(["´a"])[0] == ["\u0301a"]  # strip first would leave " \u0301a"
     # Strip before the length test and before dedup.
     assert clean_lines(["  ab  "], min_chars=3)[0] == []
     assert clean_lines(["ab", " ab "])[0] == ["ab"]
