@@ -73,7 +73,10 @@ def test_two_process_moe_trains_when_an_expert_gets_no_token(tmp_path):
     # sit idle on each rank at each step; DDP still needs a gradient for each of their weights.
     (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
     flags = ["--preset", "moe", "--block-size", "3", "--batch-size", "1", "--n-layer", "1", "--n-head", "2",
-             "--n-embd", "16", "--ffn-hidden", "16", "--steps", "3", "--eval-interval", "3", "--eval-iters", "1"]
+             "--n-embd", "16", "--ffn-hidden", "16", "--steps", "3", "--eval-interval", "3", "--eval-iters", "1",
+             "--log-interval", "1"]
     ddp = torchrun(tmp_path, ROOT / "train.py", ["--data", "t.txt", "--out", "moe", *flags], 29534)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     assert load_training_state(tmp_path / "moe")["loop"]["step"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "aux_loss" in r and "train_loss" in r] == [1, 2, 3]
