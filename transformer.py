@@ -98,16 +98,16 @@ PRESETS = {
     # step. Two key/value heads instead of 4 ran ~9% more steps but scored no better (1.6073 vs 1.6075,
     # medians of 5 seeds).
     "llama": ModelConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, norm="rmsnorm", mlp="swiglu", pos="rope"),
-    # llama with 8 small experts, top-2: each token's feed-forward is half llama's (2 × 96 hidden units
-    # vs 384) yet the layer holds 2× its weights. Routing (gather, scatter, 8 small matmuls) eats part of
-    # the saving on a CPU: a step is ~15% faster than llama's, a third of that from sharing key/value
-    # heads. Top-2 was chosen over top-1 while top-1 still renormalised its one weight to exactly 1 (the
-    # router then learnt from the aux loss alone); top-1 now gates by the router probability, as Switch
-    # does, and has not been measured again at this budget. Two key/value heads (as Mixtral shares them) help the MoE where they did
-    # not help llama: 1.610 vs 1.626 with 4 (medians of 5 seeds). An aux weight of 0.03 rather than
-    # Switch's 0.01 (medians of 5 seeds: 0.001 1.633, 0.01 1.621, 0.03 1.617, 0.1 1.626, 0.3 1.614,
-    # all but 0.001 within the seeds' noise) then beat llama on 5 of 5 fresh seeds. Tried at 177 s and worse: 4 experts (of 96 or 192),
-    # 16 × 48 top-4, 8 × 192, a shared always-on expert.
+    # llama with 8 small experts, top-2: each token's feed-forward is half llama's (2 × 96 hidden units vs
+    # 384) yet the layer holds 2× its weights. Routing (gather, scatter, 8 small matmuls) eats part of the
+    # saving on a CPU: a step is ~15% faster than llama's, a third of that from sharing key/value heads. Top-2
+    # was chosen over top-1 while top-1 still renormalised its one weight to exactly 1 (the router then learnt
+    # from the aux loss alone); top-1 now gates by the router probability, as Switch does, and has not been
+    # measured again at this budget. Two key/value heads (as Mixtral shares them) help the MoE where they did
+    # not help llama: 1.610 vs 1.626 with 4 (medians of 5 seeds). An aux weight of 0.03 rather than Switch's
+    # 0.01 (medians of 5 seeds: 0.001 1.633, 0.01 1.621, 0.03 1.617, 0.1 1.626, 0.3 1.614, all but 0.001
+    # within the seeds' noise) then beat llama on 5 of 5 fresh seeds. Tried at 177 s and worse: 4 experts (of
+    # 96 or 192), 16 × 48 top-4, 8 × 192, a shared always-on expert.
     "moe": ModelConfig(block_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, norm="rmsnorm", mlp="moe",
                        pos="rope", ffn_hidden=96, n_experts=8, moe_top_k=2, moe_aux_weight=0.03),
 }
