@@ -231,7 +231,8 @@ class MoE(nn.Module):
     """Mixture of Experts: a router sends each token to its top-k of E SwiGLU experts.
 
     forward(x (B, T, C)) -> (y (B, T, C), aux loss scalar). A token's output is the
-    weighted sum of its k experts, weights = softmax over its k chosen router logits.
+    weighted sum of its k experts, weights = softmax over its k chosen router logits
+    (for k = 1 the router probability itself, see `route`).
     Each expert runs only on the tokens sent to it: the routing slots are sorted by expert,
     the tokens gathered once in that order, and each expert's outputs added back to their
     tokens with index_add_, so compute grows with k, not with E.
@@ -246,11 +247,18 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(SwiGLU(dim, hidden) for _ in range(n_experts))
 
     def route(self, x):
-        """x (N, C) -> weights (N, K) summing to 1, experts (N, K) int64, probs (N, E)."""
+        """x (N, C) -> weights (N, K), experts (N, K) int64, probs (N, E).
+
+        k ≥ 2: the weights are the softmax over the k chosen logits and sum to 1. k = 1: the weight
+        is the chosen expert's router probability (Switch Transformer's gate), because renormalised
+        it would be exactly 1 and the language-model loss would send no gradient to the router.
+        """
         # softmax over the E experts, taken along dim 0 of the (E, N) transposed view: on a CPU a
         # softmax along a last dim as short as 8 is ~7x slower (fwd+bwd at N=2048: 470 µs vs 94 µs)
         probs = F.softmax(self.router(x).t(), dim=0).t()  # (N, C) -> (N, E)
         top_probs, experts = probs.topk(self.top_k, dim=-1)  # (N, E) -> (N, K)
+        if self.top_k == 1:
+            return top_probs, experts, probs
         # softmax over the k chosen logits, computed from the full softmax: e^l_i / Σ_chosen e^l_j
         return top_probs / top_probs.sum(dim=-1, keepdim=True), experts, probs
 
@@ -266,9 +274,10 @@ class MoE(nn.Module):
         slot_weights = weights.flatten()[slots, None]  # (N·K, 1)
         sizes = counts.tolist()  # consecutive runs of slots belong to expert 0, 1, …
         y = torch.zeros_like(x)
+        # every expert runs, an idle one on its empty slice: its weights then get a zero gradient rather
+        # than none, since DistributedDataParallel expects a gradient for every parameter at every step
         for expert, xe, idx, w in zip(self.experts, *(t.split(sizes) for t in (inputs, tokens, slot_weights))):
-            if len(idx):
-                y.index_add_(0, idx, expert(xe, scale=w))
+            y.index_add_(0, idx, expert(xe, scale=w))
         return y.view(B, T, C), load_balancing_loss(counts, probs)  # (N, C) -> (B, T, C)
 
 

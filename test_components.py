@@ -184,6 +184,27 @@ def test_moe_weights_are_softmax_over_the_chosen_logits():
     torch.testing.assert_close(weights, chosen.exp() / chosen.exp().sum(-1, keepdim=True))
 
 
+def test_moe_top1_weight_is_the_router_probability():
+    moe = MoE(16, hidden=32, n_experts=6, top_k=1)
+    x = torch.randn(30, 16)
+    weights, experts, _ = moe.route(x)
+    probs = torch.softmax(x @ moe.router.weight.T, dim=-1)  # (N, E), the router by hand
+    torch.testing.assert_close(experts[:, 0], probs.argmax(-1))
+    torch.testing.assert_close(weights[:, 0], probs.max(-1).values)  # not renormalised to 1
+
+
+def test_idle_experts_take_part_with_a_zero_gradient():
+    moe = MoE(8, hidden=16, n_experts=6, top_k=2)
+    x = torch.randn(1, 1, 8)  # one token: 2 experts chosen, 4 idle
+    y, _ = moe(x)
+    y.sum().backward()
+    _, experts, _ = moe.route(x.reshape(1, 8))
+    for e, expert in enumerate(moe.experts):
+        grads = [p.grad for p in expert.parameters()]
+        assert all(g is not None for g in grads), e  # DistributedDataParallel needs every gradient
+        assert all(g.abs().sum() > 0 for g in grads) == (e in experts.flatten().tolist()), e
+
+
 def test_moe_dispatch_equals_dense_loop_with_gradients():
     moe = MoE(16, hidden=24, n_experts=4, top_k=2)
     x = torch.randn(3, 7, 16)

@@ -7,30 +7,76 @@ from pathlib import Path
 
 import torch
 
+import train
 from checkpoint import load_training_state
 
 ROOT = Path(__file__).resolve().parent
 TINY = ["--block-size", "16", "--batch-size", "4", "--n-layer", "1", "--n-head", "2", "--n-embd", "16",
-        "--steps", "6", "--eval-interval", "3", "--eval-iters", "2", "--log-interval", "1"]
+        "--dropout", "0", "--steps", "5", "--eval-interval", "3", "--eval-iters", "2", "--log-interval", "1"]
+# train.py as torchrun starts it, except that every rank also saves its own weights when training ends
+# (train.py saves rank 0's only), so that the test can compare the two ranks.
+EACH_RANK_SAVES = """
+import sys
+import torch
+sys.path.insert(0, {root!r})
+import train
+loop = train.train_loop
+def loop_then_save(net, *args, **kwargs):
+    state = loop(net, *args, **kwargs)
+    torch.save(net.module.state_dict(), f"rank{{torch.distributed.get_rank()}}.pt")
+    return state
+train.train_loop = loop_then_save
+train.main(sys.argv[1:])
+"""
 
 
-def test_two_process_ddp_trains_and_rank0_writes_the_same_checkpoint(tmp_path):
+def torchrun(tmp_path, script, args, port):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                           str(script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_two_processes_train_as_one_process_on_both_ranks_batches(tmp_path, monkeypatch):
     (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    env_threads = {"OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                          str(ROOT / "train.py"), "--data", "t.txt", "--out", "ddp", *TINY],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=240,
-                         env={**os.environ, **env_threads})
+    (tmp_path / "each_rank_saves.py").write_text(EACH_RANK_SAVES.format(root=str(ROOT)))
+    ddp = torchrun(tmp_path, tmp_path / "each_rank_saves.py", ["--data", "t.txt", "--out", "ddp", *TINY], 29533)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     assert "4×1 accum×2 proc = 8 sequences" in ddp.stdout  # the effective batch is printed once, by rank 0
     assert ddp.stdout.count("parameters;") == 1
-    single = subprocess.run([sys.executable, str(ROOT / "train.py"), "--data", "t.txt", "--out", "one", *TINY],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert single.returncode == 0, single.stderr[-2000:]
-    a, b = load_training_state(tmp_path / "ddp"), load_training_state(tmp_path / "one")
-    assert a.keys() == b.keys() and a["loop"]["step"] == b["loop"]["step"] == 6
-    assert {k: v.shape for k, v in a["model"].items()} == {k: v.shape for k, v in b["model"].items()}
-    assert a["loop"]["tokens"] == 2 * b["loop"]["tokens"]  # two processes, twice the tokens per step
     rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "train_loss" in r] == [1, 2, 3, 4, 5, 6]  # one writer, no duplicates
-    assert all(torch.isfinite(v).all() for v in a["model"].values())
+    assert [r["step"] for r in rows if "train_loss" in r] == [1, 2, 3, 4, 5]  # one writer, no duplicates
+
+    # The reference: one process whose micro-batch i is rank 0's and rank 1's micro-batch i stacked,
+    # drawn from the same seeds; the mean loss over 8 sequences has the mean of the ranks' gradients.
+    stream = train.batch_stream
+
+    def both_ranks(args, ids, block_size, batch_size, rank, world, start, device):
+        ranks = [stream(args, ids, block_size, batch_size, r, 2, start, device) for r in (0, 1)]
+        return lambda: tuple(torch.cat(parts) for parts in zip(*(next_batch() for next_batch in ranks)))
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "batch_stream", both_ranks)
+    train.run(["--data", "t.txt", "--out", "one", *TINY])
+
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    one, saved = load_training_state(tmp_path / "one"), load_training_state(tmp_path / "ddp")
+    assert saved["loop"]["step"] == one["loop"]["step"] == 5
+    assert saved["loop"]["tokens"] == 2 * one["loop"]["tokens"]  # the reference counts its 8 sequences once
+    for name, weight in rank0.items():
+        assert torch.equal(weight, rank1[name]), name  # the all-reduced gradient keeps the ranks identical
+        assert torch.equal(weight, saved["model"][name]), name  # and rank 0 wrote its own weights
+        torch.testing.assert_close(weight, one["model"][name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_two_process_moe_trains_when_an_expert_gets_no_token(tmp_path):
+    # 1 sequence of 3 tokens, top-2 of 8 experts: 6 routing slots, so at least 2 experts of every layer
+    # sit idle on each rank at each step; DDP still needs a gradient for each of their weights.
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    flags = ["--preset", "moe", "--block-size", "3", "--batch-size", "1", "--n-layer", "1", "--n-head", "2",
+             "--n-embd", "16", "--ffn-hidden", "16", "--steps", "3", "--eval-interval", "3", "--eval-iters", "1",
+             "--log-interval", "1"]
+    ddp = torchrun(tmp_path, ROOT / "train.py", ["--data", "t.txt", "--out", "moe", *flags], 29534)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    assert load_training_state(tmp_path / "moe")["loop"]["step"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "aux_loss" in r and "train_loss" in r] == [1, 2, 3]

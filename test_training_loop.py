@@ -1,12 +1,15 @@
+import dataclasses
 import json
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import training_loop
 from bigram_lm import BigramLM
 from training_loop import TrainConfig, TrainingDiverged, estimate_loss, lr_at, make_optimizer, step_progress, train_loop
+from transformer import PRESETS, Transformer
 
 
 def cosine_by_hand(step, lr, min_lr, warmup, total):
@@ -178,3 +181,33 @@ def test_read_metrics_drops_only_a_torn_last_row(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2, "train_lo\n{"step": 3}\n')  # a broken row inside is an error
     with pytest.raises(ValueError):
         training_loop.read_metrics(path)
+
+
+@pytest.mark.parametrize("preset", ["moe", "llama"])
+def test_train_loss_is_the_cross_entropy_and_moe_logs_its_aux_loss_apart(tmp_path, preset):
+    torch.manual_seed(0)
+    config = dataclasses.replace(PRESETS[preset], vocab_size=11, block_size=8, n_layer=1, n_head=2, n_embd=16,
+                                 ffn_hidden=16, moe_aux_weight=0.5)  # a weight large enough to show in the loss
+    model = Transformer(config)
+    batches, val = fixed_batches(4, 4), fixed_batches(1, 4, seed=1)
+    cross_entropy, aux = [], []
+
+    def next_batch():  # the reference, on each micro-batch with the weights it is trained at
+        x, y = batches[len(cross_entropy)]
+        with torch.no_grad():
+            logits, _ = model(x)
+            cross_entropy.append(F.cross_entropy(logits.flatten(0, 1), y.flatten()).item())
+            aux.append(model.moe_report(x).get("aux_loss"))
+        return x, y
+
+    cfg = TrainConfig(steps=2, grad_accum=2, batch_size=4, warmup_steps=0, eval_interval=2, log_interval=2)
+    train_loop(model, make_optimizer(model, cfg), cfg, next_batch, val, run_dir=tmp_path)
+    train_row, val_row = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert train_row["train_loss"] == pytest.approx(sum(cross_entropy) / 4, rel=1e-5)
+    logits, _ = model(val[0][0])
+    assert val_row["val_loss"] == pytest.approx(F.cross_entropy(logits.flatten(0, 1), val[0][1].flatten()).item(),
+                                                rel=1e-5)
+    if preset == "moe":
+        assert train_row["aux_loss"] == pytest.approx(sum(aux) / 4, rel=1e-5)
+    else:
+        assert "aux_loss" not in train_row

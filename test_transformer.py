@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bigram_lm import next_token_loss
 from transformer import PRESETS, ModelConfig, Transformer
@@ -134,9 +135,36 @@ def test_moe_aux_loss_added_only_while_training():
     x, y = idx[:, :-1], idx[:, 1:]
     logits, loss = model(x, y)
     report = model.moe_report(x)
-    assert loss.item() == pytest.approx(next_token_loss(logits, y).item() + 0.5 * report["aux_loss"], rel=1e-5)
+    cross_entropy = F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
+    assert loss.item() == pytest.approx(cross_entropy + 0.5 * report["aux_loss"], rel=1e-5)
+    # the two terms, kept apart for the metrics
+    assert model.loss_terms["train_loss"].item() == pytest.approx(cross_entropy, rel=1e-6)
+    assert model.loss_terms["aux_loss"].item() == pytest.approx(report["aux_loss"], rel=1e-6)
     logits, loss = model.eval()(x, y)
     assert loss.item() == pytest.approx(next_token_loss(logits, y).item())
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_router_learns_from_the_cross_entropy_alone(top_k):
+    model = Transformer(small_llama(mlp="moe", ffn_hidden=32, moe_top_k=top_k, moe_aux_weight=0.0)).double()
+    idx = torch.randint(65, (2, 33))
+    x, y = idx[:, :-1], idx[:, 1:]
+    _, loss = model(x, y)
+    loss.backward()
+    for block in model.blocks:
+        router = block.ffn.router.weight
+        grad = router.grad.clone()
+        assert grad.norm() > 1e-6  # top-1 renormalised to exactly 1 left only rounding here (~1e-19)
+        # the gradient is the cross-entropy's own: a central difference along it agrees (in float64,
+        # which the model's loss, taken in float32, would not resolve)
+        step = 1e-6 * grad / grad.norm()
+        with torch.no_grad():
+            router += step
+            up = F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten()).item()
+            router -= 2 * step
+            down = F.cross_entropy(model(x)[0].flatten(0, 1), y.flatten()).item()
+            router += step
+        assert (up - down) / 2e-6 == pytest.approx(grad.norm().item(), rel=1e-4)
 
 
 def test_moe_report():

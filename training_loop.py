@@ -105,6 +105,14 @@ def estimate_loss(model, batches, device_type="cpu", dtype="float32"):
     return total / len(batches)
 
 
+def loss_terms(model, loss):
+    """What one micro-batch logs: {"train_loss": loss}, or, for a model whose training loss adds more to
+    the cross-entropy (MoE), the terms it kept apart in `loss_terms` (train_loss then the cross-entropy)."""
+    inner = getattr(model, "module", model)  # DistributedDataParallel wraps the model as .module
+    terms = getattr(inner, "loss_terms", None) or {"train_loss": loss}  # torch.compile's wrapper passes it on
+    return {name: value.item() for name, value in terms.items()}
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -197,7 +205,7 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
             lr = lr_at(state.step, progress, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum, block = 0.0, 0
+            loss_sum, logged, block = 0.0, {}, 0
             for micro in range(cfg.grad_accum):
                 x, y = next_batch()
                 block = x.shape[1]
@@ -207,6 +215,8 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
                         _, loss = model(x, y)
                     scaler.scale(loss / cfg.grad_accum).backward()  # the mean over N·B sequences
                 loss_sum += loss.item()
+                for name, value in loss_terms(model, loss).items():
+                    logged[name] = logged.get(name, 0.0) + value / cfg.grad_accum
             loss_value = loss_sum / cfg.grad_accum
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(f"loss became {loss_value} at step {state.step + 1}: training stopped, "
@@ -228,13 +238,15 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
             t_step, t_last = t_last, now
             state.step += 1
             state.tokens += tokens_per_step * block
-            recent.append(loss_value)
+            recent.append(logged)
             if is_main and (state.step % cfg.log_interval == 0 or state.step == cfg.steps):
                 tok_s = tokens_per_step * block * state.step / max(state.elapsed, 1e-9)
-                row = {"step": state.step, "train_loss": sum(recent) / len(recent), "lr": lr,
+                means = {name: sum(r[name] for r in recent) / len(recent) for name in logged}
+                row = {"step": state.step, **means, "lr": lr,
                        "tokens_per_sec": round(tok_s), "tokens": state.tokens, "elapsed": round(state.elapsed, 2)}
                 append_metrics(run_dir, row)
-                bar.set_postfix_str(f"loss {row['train_loss']:.4f} lr {lr:.2e} {tok_s:,.0f} tok/s")
+                aux = f" aux {row['aux_loss']:.3f}" if "aux_loss" in row else ""
+                bar.set_postfix_str(f"loss {row['train_loss']:.4f}{aux} lr {lr:.2e} {tok_s:,.0f} tok/s")
                 recent = []
             bar.update(min(now - t_step, cfg.max_time - bar.n) if cfg.max_time else 1)
 

@@ -98,15 +98,16 @@ PRESETS = {
     # step. Two key/value heads instead of 4 ran ~9% more steps but scored no better (1.6073 vs 1.6075,
     # medians of 5 seeds).
     "llama": ModelConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, norm="rmsnorm", mlp="swiglu", pos="rope"),
-    # llama with 8 small experts, top-2: each token's feed-forward is half llama's (2 × 96 hidden units
-    # vs 384) yet the layer holds 2× its weights. Routing (gather, scatter, 8 small matmuls) eats part of
-    # the saving on a CPU: a step is ~15% faster than llama's, a third of that from sharing key/value
-    # heads. Top-2, not top-1: the softmax over one chosen logit is always 1, leaving the router to learn
-    # from the aux loss alone. Two key/value heads (as Mixtral shares them) help the MoE where they did
-    # not help llama: 1.610 vs 1.626 with 4 (medians of 5 seeds). An aux weight of 0.03 rather than
-    # Switch's 0.01 (medians of 5 seeds: 0.001 1.633, 0.01 1.621, 0.03 1.617, 0.1 1.626, 0.3 1.614,
-    # all but 0.001 within the seeds' noise) then beat llama on 5 of 5 fresh seeds. Tried at 177 s and worse: 4 experts (of 96 or 192),
-    # 16 × 48 top-4, 8 × 192, a shared always-on expert.
+    # llama with 8 small experts, top-2: each token's feed-forward is half llama's (2 × 96 hidden units vs
+    # 384) yet the layer holds 2× its weights. Routing (gather, scatter, 8 small matmuls) eats part of the
+    # saving on a CPU: a step is ~15% faster than llama's, a third of that from sharing key/value heads. Top-2
+    # was chosen over top-1 while top-1 still renormalised its one weight to exactly 1 (the router then learnt
+    # from the aux loss alone); top-1 now gates by the router probability, as Switch does, and has not been
+    # measured again at this budget. Two key/value heads (as Mixtral shares them) help the MoE where they did
+    # not help llama: 1.610 vs 1.626 with 4 (medians of 5 seeds). An aux weight of 0.03 rather than Switch's
+    # 0.01 (medians of 5 seeds: 0.001 1.633, 0.01 1.621, 0.03 1.617, 0.1 1.626, 0.3 1.614, all but 0.001
+    # within the seeds' noise) then beat llama on 5 of 5 fresh seeds. Tried at 177 s and worse: 4 experts (of
+    # 96 or 192), 16 × 48 top-4, 8 × 192, a shared always-on expert.
     "moe": ModelConfig(block_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, norm="rmsnorm", mlp="moe",
                        pos="rope", ffn_hidden=96, n_experts=8, moe_top_k=2, moe_aux_weight=0.03),
 }
@@ -118,6 +119,9 @@ class Transformer(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        # an MoE model's last training loss split into its terms, detached, under their metrics.jsonl
+        # names: {"train_loss": cross-entropy, "aux_loss": load-balancing loss}; the loop logs them apart
+        self.loss_terms = None
         position_table = config.block_size if config.pos == "learned" else None  # RoPE needs no table
         self.embed = Embeddings(config.vocab_size, config.n_embd, position_table)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
@@ -159,7 +163,8 @@ class Transformer(nn.Module):
 
         With `cache`, idx holds positions cache.length … cache.length+T−1; their keys and
         values are appended and cache.length advances by T. While training an MoE model,
-        loss = cross-entropy + moe_aux_weight · (aux loss averaged over layers).
+        loss = cross-entropy + moe_aux_weight · (aux loss averaged over layers), and the
+        two terms are kept apart in `loss_terms` for logging.
         """
         B, T = idx.shape
         start = 0 if cache is None else cache.length
@@ -182,7 +187,9 @@ class Transformer(nn.Module):
         if targets is not None:
             loss = next_token_loss(logits, targets)
             if aux_losses and self.training:
-                loss = loss + self.config.moe_aux_weight * torch.stack(aux_losses).mean()
+                aux = torch.stack(aux_losses).mean()
+                self.loss_terms = {"train_loss": loss.detach(), "aux_loss": aux.detach()}
+                loss = loss + self.config.moe_aux_weight * aux
         return logits, loss
 
     @torch.no_grad()
