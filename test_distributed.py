@@ -80,3 +80,20 @@ def test_two_process_moe_trains_when_an_expert_gets_no_token(tmp_path):
     assert load_training_state(tmp_path / "moe")["loop"]["step"] == 3
     rows = [json.loads(line) for line in (tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "aux_loss" in r and "train_loss" in r] == [1, 2, 3]
+
+
+def test_a_resumed_two_process_run_with_dropout_repeats_the_unbroken_one(tmp_path):
+    """Each rank draws its own dropout masks; after a resume it must draw the same ones again. A warm-up longer
+    than the run keeps the learning rate independent of --steps, so 3 steps + 3 more equal 6 in one go."""
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    flags = [*TINY, "--dropout", "0.1", "--warmup-steps", "50", "--lr", "3e-3"]
+    straight = torchrun(tmp_path, ROOT / "train.py", ["--data", "t.txt", "--out", "straight", *flags, "--steps", "6"],
+                        29535)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    first = torchrun(tmp_path, ROOT / "train.py", ["--data", "t.txt", "--out", "parts", *flags, "--steps", "3"], 29536)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = torchrun(tmp_path, ROOT / "train.py", ["--resume", "parts", "--steps", "6"], 29537)
+    assert second.returncode == 0, second.stderr[-2000:]
+    a, b = load_training_state(tmp_path / "straight"), load_training_state(tmp_path / "parts")
+    assert a["loop"]["step"] == b["loop"]["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "the resumed run took other steps"
