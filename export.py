@@ -5,7 +5,7 @@ tokenizer are written the way other tools read them. Hugging Face transformers
 reads a directory: config.json names the architecture (GPT2LMHeadModel,
 LlamaForCausalLM or MixtralForCausalLM, whose parts are exactly our presets'),
 model.safetensors holds the weights under its names, and tokenizer.json
-describes the tokenizer to the `tokenizers` library. Each defaults that differ
+describes the tokenizer to the `tokenizers` library. Every default that differs
 from ours (RMSNorm eps, RoPE base, BOS/EOS ids) is written out, never assumed.
 
 Going the other way, `--from-hf` reads such a directory into a run directory
@@ -29,9 +29,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from bpe_tokenizer import HFTokenizer, byte_to_unicode, load_tokenizer
+from bpe_tokenizer import SPM_LOSSLESS, HFTokenizer, byte_to_unicode, load_tokenizer
 from char_tokenizer import UNK
-from checkpoint import (CONFIG, WEIGHTS, atomic_write, build_model, load_weights, model_config_dict, read_config,
+from checkpoint import (WEIGHTS, atomic_write, build_model, load_weights, model_config_dict, read_config,
                         resolve_run_dir, save_run_files, save_weights, write_json)
 from components import NORM_EPS, parse_rope_scaling
 from dataset import DEFAULT_CORPUS
@@ -246,8 +246,8 @@ def hf_tokenizer(tok):
         out.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
         out.add_special_tokens([AddedToken(sp.id_to_piece(i), special=True) for i in range(tok.vocab_size)
                                 if sp.is_control(i) or sp.is_unknown(i)])
-        out.add_tokens([AddedToken(sp.id_to_piece(i), normalized=False) for i in range(tok.vocab_size)
-                        if sp.is_user_defined(i)])  # "\n": matched before the unigram model, as sentencepiece does
+        out.add_tokens([AddedToken(s, normalized=False) for s in SPM_LOSSLESS["user_defined_symbols"]
+                        if sp.piece_to_id(s) != sp.unk_id()])  # "\n": matched before the unigram model, as in spm
     else:
         raise ValueError(f"a {tok.kind!r} tokenizer has no tokenizer.json form")
     if out.get_vocab_size() != tok.vocab_size:
