@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from bigram_lm import BigramLM
 from bpe_tokenizer import BPETokenizer, SentencePieceTokenizer
@@ -148,20 +149,15 @@ def test_sample_reads_an_imported_run_as_the_original(tmp_path, tokenizers, caps
     assert outputs[0] == outputs[1] and len(outputs[0]) > 20
 
 
-def save_hf_dir(hf_model, path, tok_dir):
-    """A directory as transformers writes it, with the tokenizer files of an exported run."""
-    hf_model.save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (path / name).write_bytes((tok_dir / name).read_bytes())
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_import_of_a_model_transformers_built(tmp_path, tokenizers, arch):
     """The import alone, against a model transformers initialised and saved itself: GQA, attention biases,
-    an untied head (Llama); biases and learned positions (GPT-2)."""
+    an untied head, weights in shards (Llama); biases and learned positions, stored as the original GPT-2
+    checkpoint is, without the "transformer." prefix and with its causal-mask buffers (GPT-2)."""
     tok = tokenizers["bpe"]
     make_run(tmp_path / "run", tok, "llama")
-    export_hf(tmp_path / "run", tmp_path / "tok")
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
     torch.manual_seed(1)
     if arch == "llama":
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -174,7 +170,14 @@ def test_import_of_a_model_transformers_built(tmp_path, tokenizers, arch):
     with torch.no_grad():
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    save_hf_dir(hf.eval(), tmp_path / "hf", tmp_path / "tok")
+    hf.eval().save_pretrained(tmp_path / "hf", max_shard_size="100KB" if arch == "llama" else "1GB")
+    if arch == "gpt2":
+        path = tmp_path / "hf" / "model.safetensors"
+        tensors = {name.removeprefix("transformer."): t for name, t in load_file(path).items()}
+        tensors |= {f"h.{i}.attn.bias": torch.ones(1, 1, 32, 32).tril() for i in range(2)}
+        save_file(tensors, path, metadata={"format": "pt"})
+    else:
+        assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     import_hf(tmp_path / "hf", tmp_path / "run2")
     ours, _, _ = load_run(tmp_path / "run2")
     assert ours.config.bias and ours.config.kv_heads == (1 if arch == "llama" else 4)
