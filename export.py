@@ -373,7 +373,8 @@ def read_hf_tensors(hf_dir):
 
 
 def hf_special_ids(hf_dir, hf, tk):
-    """bos/eos/pad/unk ids: tokenizer_config.json's token names first, then config.json's ids."""
+    """bos/eos/pad/unk ids: tokenizer_config.json's token names first, then config.json's ids; None for an id
+    the vocabulary lacks (GPT-2's config says 50256 whatever the vocabulary size)."""
     path = hf_dir / "tokenizer_config.json"
     names = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     special = {}
@@ -381,7 +382,8 @@ def hf_special_ids(hf_dir, hf, tk):
         token = names.get(f"{key}_token")
         token = token.get("content") if isinstance(token, dict) else token
         i = tk.token_to_id(token) if token else hf.get(f"{key}_token_id")
-        special[key] = i[0] if isinstance(i, list) else i
+        i = i[0] if isinstance(i, list) and i else i
+        special[key] = i if isinstance(i, int) and 0 <= i < hf["vocab_size"] else None
     return special
 
 

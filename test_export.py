@@ -153,6 +153,26 @@ def test_round_trip_gives_back_the_same_run(tmp_path, tokenizers, preset, kind):
     assert (back_tok.bos_id, back_tok.eos_id, back_tok.vocab_size) == (tok.bos_id, tok.eos_id, tok.vocab_size)
 
 
+def test_imported_tokenizer_adds_the_bos_transformers_adds(tmp_path, tokenizers):
+    """A Llama-style tokenizer.json whose post-processor prepends BOS: our encode gives the same ids, BOS first."""
+    tok = tokenizers["bpe"]
+    make_run(tmp_path / "run", tok, "llama")
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    spec = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    spec["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|bos|>", "type_id": 0}},
+                                                                      {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
+                              "special_tokens": {"<|bos|>": {"id": "<|bos|>", "ids": [tok.bos_id], "tokens": ["<|bos|>"]}}}
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(spec))
+    import_hf(tmp_path / "hf", tmp_path / "back")
+    _, ours, _ = load_run(tmp_path / "back")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in (ENGLISH, JAPANESE, EMOJI):
+        ids = ours.encode(text)
+        assert ids == theirs(text)["input_ids"] == [tok.bos_id] + tok.encode(text)
+        assert ours.decode(ids) == text  # BOS prints nothing
+
+
 def test_sample_reads_an_imported_run_as_the_original(tmp_path, tokenizers, capsys):
     make_run(tmp_path / "run", tokenizers["bpe"], "llama", train_steps=30)
     export_hf(tmp_path / "run", tmp_path / "hf")
@@ -187,6 +207,7 @@ def test_import_of_a_model_transformers_built(tmp_path, tokenizers, arch):
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     hf.eval().save_pretrained(tmp_path / "hf", max_shard_size="100KB" if arch == "llama" else "1GB")
+    (tmp_path / "hf" / "tokenizer_config.json").unlink()  # special ids from config.json, GPT-2's 50256 included
     if arch == "gpt2":
         path = tmp_path / "hf" / "model.safetensors"
         tensors = {name.removeprefix("transformer."): t for name, t in load_file(path).items()}
@@ -195,8 +216,9 @@ def test_import_of_a_model_transformers_built(tmp_path, tokenizers, arch):
     else:
         assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     import_hf(tmp_path / "hf", tmp_path / "run2")
-    ours, _, _ = load_run(tmp_path / "run2")
+    ours, our_tok, _ = load_run(tmp_path / "run2")
     assert ours.config.bias and ours.config.kv_heads == (1 if arch == "llama" else 4)
+    assert our_tok.eos_id == (2 if arch == "llama" else None)  # Llama's default eos 2; GPT-2's 50256 is no id here
     idx = torch.randint(tok.vocab_size, (2, 32))
     with torch.no_grad():
         assert (hf(idx).logits - ours(idx)[0]).abs().max() <= 1e-4
