@@ -316,8 +316,9 @@ def config_from_hf(hf, tensors, hf_dir):
     arch = (hf.get("architectures") or [None])[0]
     kinds = {cls: kind for kind, cls in HF_CLASSES.items()}
     if arch not in kinds:
-        raise ValueError(f"{hf_dir}: architecture {arch} is not supported: import GPT2LMHeadModel, "
-                         f"LlamaForCausalLM or MixtralForCausalLM")
+        found = f"architecture {arch} is not supported" if arch else "config.json names no architecture"
+        raise ValueError(f"{hf_dir}: {found}: import a Hugging Face GPT2LMHeadModel, LlamaForCausalLM or "
+                         f"MixtralForCausalLM directory")
     kind = kinds[arch]
     if kind == "gpt2":
         refuse_unless(hf.get("activation_function", "gelu_new") == "gelu",

@@ -262,6 +262,7 @@ def test_import_refuses_what_ours_cannot_represent(tmp_path, tokenizers, capsys)
         config_path.write_text(json.dumps({**original, **change}))
         assert message in run_main(["--from-hf", tmp_path / "hf", "--out", tmp_path / "back"], capsys)
     assert "no config.json" in run_main(["--from-hf", tmp_path / "run2", "--out", tmp_path / "back"], capsys)
+    assert "names no architecture" in run_main(["--from-hf", tmp_path / "run", "--out", tmp_path / "back"], capsys)
     assert not (tmp_path / "back").exists()
 
 
