@@ -381,6 +381,61 @@ class StreamDecoder:
         return self._utf8.decode(b"", final=True)
 
 
+def byte_to_unicode():
+    """{byte: character}: GPT-2's printable stand-in for each byte in a byte-level BPE vocabulary. Printable
+    Latin-1 bytes stand for themselves, the 68 others take chr(256 + k) in order: b" " is "Ġ" (U+0120)."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + k) for k, b in enumerate(others)}}
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json (`tokenizers` library) behind our interface, for `export.py --from-hf`.
+
+    encode gives exactly AutoTokenizer's ids (with any BOS its post-processor adds); decoding reads a
+    table of bytes per id, like the other classes; special tokens, and ids past the tokenizer's end
+    (a model's vocab_size may be padded), print nothing."""
+
+    kind = "hf"
+
+    def __init__(self, spec, vocab_size, special):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError("this run's tokenizer comes from Hugging Face: pip install tokenizers") from None
+        self.spec, self.vocab_size, self.special = spec, vocab_size, dict(special)
+        self.tk = Tokenizer.from_str(json.dumps(spec))
+        self.bos_id, self.eos_id, self.pad_id, self.unk_id = (special.get(k) for k in ("bos", "eos", "pad", "unk"))
+        decoder = json.dumps(spec.get("decoder"), ensure_ascii=False)
+        unicode_byte = {c: b for b, c in byte_to_unicode().items()} if "ByteLevel" in decoder else None
+        specials = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+        self.vocab = []  # id -> bytes, the way the decoder would write that token
+        for i in range(vocab_size):
+            piece = self.tk.id_to_token(i)
+            if piece is None or i in specials:
+                self.vocab.append(b"")
+            elif unicode_byte and all(c in unicode_byte for c in piece):
+                self.vocab.append(bytes(unicode_byte[c] for c in piece))
+            elif "ByteFallback" in decoder and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                self.vocab.append(bytes([int(piece[3:5], 16)]))
+            else:
+                self.vocab.append(piece.replace(SPM_SPACE, " " if SPM_SPACE in decoder else SPM_SPACE).encode())
+
+    def encode(self, text):
+        return self.tk.encode(text).ids
+
+    decode, token_bytes = SentencePieceTokenizer.decode, SentencePieceTokenizer.token_bytes
+
+    def save(self, path):
+        data = {"kind": self.kind, "vocab_size": self.vocab_size, "special": self.special, "tokenizer": self.spec}
+        Path(path).write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path):
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(data["tokenizer"], data["vocab_size"], data["special"])
+
+
 def train_tokenizer(kind, text, vocab_size):
     """Train a tokenizer of `kind` ("char" | "bpe" | "spm"); char ignores vocab_size."""
     if kind == "char":
@@ -411,9 +466,9 @@ def load_tokenizer(path):
         kind = json.loads(path.read_text(encoding="utf-8")).get("kind")
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         kind = None
-    classes = {"char": CharTokenizer, "bpe": BPETokenizer}
+    classes = {"char": CharTokenizer, "bpe": BPETokenizer, "hf": HFTokenizer}
     if kind not in classes:
-        raise ValueError(f"{path} is neither a tokenizer.json of kind char/bpe "
+        raise ValueError(f"{path} is neither a tokenizer.json of kind char/bpe/hf "
                          "nor a sentencepiece .model file")
     return classes[kind].load(path)
 
