@@ -493,11 +493,21 @@ def load_every_file(run_dir):
     return step, tmp_files
 
 
+def training_started(run_dir, rows_before, proc, limit=120.0):
+    """Wait until the run writes a metrics row beyond `rows_before` (it is training), or it stops."""
+    t0 = time.perf_counter()
+    while proc.poll() is None and time.perf_counter() - t0 < limit:
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and path.read_text().count("\n") > rows_before:
+            return
+        time.sleep(0.02)
+
+
 def bench_kill(kills=20, seed=0):
     """kill -9 a training run at 20 random moments, resuming it each time: every file must load."""
     rng = random.Random(seed)
     flags = ["--preset", "llama", "--n-layer", "2", "--batch-size", "8", "--steps", str(10**6), "--eval-interval",
-             "40", "--eval-iters", "2", "--ckpt-every", "7", "--log-interval", "1"]
+             "20", "--eval-iters", "2", "--ckpt-every", "3", "--log-interval", "1"]
     rows, stray = [], 0
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
@@ -505,24 +515,31 @@ def bench_kill(kills=20, seed=0):
         for i in range(kills):
             cmd = [sys.executable, "train.py", "--resume", str(run_dir)] if (run_dir / "config.json").exists() \
                 else start  # killed before the run directory was made: there is nothing to resume yet
+            rows_before = (run_dir / "metrics.jsonl").read_text().count("\n") if (run_dir / "metrics.jsonl").exists() \
+                else 0
+            t0 = time.perf_counter()
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            moment = rng.uniform(1.0, 12.0)  # from Python's start-up to well into training and saving
-            time.sleep(moment)
+            if i % 4 == 0:  # every fourth kill lands anywhere from Python's start-up on
+                time.sleep(rng.uniform(0.5, 6.0))
+            else:  # the others while it trains, evaluates and saves (a checkpoint every 3 steps)
+                training_started(run_dir, rows_before, proc)
+                time.sleep(rng.uniform(0.0, 1.5))
             if proc.poll() is not None:
                 raise RuntimeError(f"the run stopped by itself: {proc.stderr.read().strip().splitlines()[-1]}")
             proc.kill()
             proc.wait()
             step, tmp_files = load_every_file(run_dir)
             stray += len(tmp_files)
-            rows.append([i + 1, "resume" if cmd is not start else "start", f"{moment:.2f} s", step, len(tmp_files)])
+            rows.append([i + 1, "resume" if cmd is not start else "start", f"{time.perf_counter() - t0:.2f} s", step,
+                         ", ".join(tmp_files)])
         final = subprocess.run([sys.executable, "train.py", "--resume", str(run_dir), "--steps", str(step + 20)],
                                capture_output=True, text=True)
         if final.returncode:
             raise RuntimeError(f"the last resume failed: {final.stderr.strip().splitlines()[-1]}")
         end, tmp_files = load_every_file(run_dir)
-    print_table(["kill", "run", "killed after", "step saved", "stray .tmp files"], rows)
+    print_table(["kill", "run", "killed after", "step saved", "temporary files left by the kill"], rows)
     print(f"\n{kills} kills, every file loaded after each; the last resume went on from step {step} to {end} "
-          f"(stray temporary files: {stray} seen, {len(tmp_files)} left after resuming)")
+          f"(temporary files of cut-short writes: {stray} seen, {len(tmp_files)} left after resuming)")
 
 
 BENCHES["kill"] = bench_kill
