@@ -18,10 +18,11 @@ Past the context window (block_size = W tokens) a token cannot see all that
 precedes it. Here the window, counted from the first prompt token, stays put
 until it is full, then jumps forward by W//4 + 1 tokens and is computed afresh
 (a new prefill); see `window_start`. So a token with more than W tokens before
-it reads the last W − W//4 to W of them (¾ to all of a window), every layer's
-keys and values computed from that window alone, as a position in a training
-block sees only its block. `kv_cache=False` recomputes the same window at every
-step: the same tokens, only slower, and so the reference that checks the cache.
+it reads the last W − W//4 to W of them (¾ to all of a window), with positions
+counted from the window's start and every layer's keys and values computed
+from the window alone, as a position in a training block sees only its block.
+`kv_cache=False` recomputes the same window at every step: the same tokens,
+only slower, and so the reference that checks the cache.
 
 New since stage 18: the trained run is put to use. Run it:
 
