@@ -114,22 +114,27 @@ def test_window_start_jumps_by_a_quarter_window_plus_one():
     assert [sample.window_start(n, 1) for n in (1, 2, 3)] == [0, 1, 2]  # a bigram reads the last token
 
 
-def greedy_run(model, prompt, new_tokens, kv_cache, monkeypatch):
+def greedy_run(model, prompt, new_tokens, kv_cache):
     """Greedy tokens (1, T + new) and the logits (new, V) each step's choice was made from."""
     steps, choose = [], sample.next_token
-    monkeypatch.setattr(sample, "next_token", lambda logits, *a, **kw: steps.append(logits) or choose(logits, *a, **kw))
-    out = generate(model, prompt, new_tokens, temperature=0, kv_cache=kv_cache)
-    monkeypatch.undo()
+
+    def recording(logits, *args, **kwargs):
+        steps.append(logits)
+        return choose(logits, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sample, "next_token", recording)
+        out = generate(model, prompt, new_tokens, temperature=0, kv_cache=kv_cache)
     return out, torch.cat(steps)
 
 
 @pytest.mark.parametrize("kind", ["gpt", "llama", "moe"])
 @pytest.mark.parametrize("prompt_len", [5, 40])  # a prompt inside the window, and one 2.5 windows long
-def test_kv_cache_matches_recomputation_far_past_the_window(kind, prompt_len, monkeypatch):
+def test_kv_cache_matches_recomputation_far_past_the_window(kind, prompt_len):
     model, new = tiny_model(kind), 3 * 16
     prompt = torch.randint(48, (1, prompt_len), generator=torch.Generator().manual_seed(2))
-    cached, cached_logits = greedy_run(model, prompt, new, True, monkeypatch)
-    plain, plain_logits = greedy_run(model, prompt, new, False, monkeypatch)
+    cached, cached_logits = greedy_run(model, prompt, new, True)
+    plain, plain_logits = greedy_run(model, prompt, new, False)
     assert torch.equal(cached, plain) and cached.shape == (1, prompt_len + new)
     assert (cached_logits - plain_logits).abs().max() < 1e-4
     top2 = cached_logits.topk(2, dim=-1).values
