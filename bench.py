@@ -331,26 +331,37 @@ def bench_presets(budget=PRESET_BUDGET, seeds=PRESET_SEEDS):
 BENCHES["presets"] = bench_presets
 
 
-def bench_generate(new_tokens=500, context=256, prompt_tokens=200):
+def bench_generate(new_tokens=500, context=256, prompt_tokens=200, long_tokens=2000, runs=3):
     """Generation: tokens/s with and without the KV cache, and time to first token (llama preset)."""
     torch.manual_seed(0)
+    window = PRESETS["llama"].block_size  # the preset's own window, for the long run
     cfg = dataclasses.replace(PRESETS["llama"], block_size=context)  # RoPE: a longer window adds no weights
     model = Transformer(cfg).eval()  # random weights: the speed does not depend on them
     start = torch.zeros(1, 1, dtype=torch.long)
     prompt = torch.randint(cfg.vocab_size, (1, prompt_tokens))
     gen = torch.Generator().manual_seed(0)
-    cached, _ = median_time(lambda: generate(model, start, new_tokens, generator=gen), repeats=3)
-    plain, _ = median_time(lambda: generate(model, start, new_tokens, generator=gen, kv_cache=False), repeats=1)
+
+    def both_ways(model, n):  # median seconds for n new tokens with the cache, then recomputing
+        return [median_time(lambda: generate(model, start, n, generator=gen, kv_cache=kv), repeats=runs)[0]
+                for kv in (True, False)]
+
+    cached, plain = both_ways(model, new_tokens)
     first, _ = median_time(lambda: generate(model, prompt, 1, generator=gen), repeats=5)
-    print(f"llama preset ({model.num_params():,} params) with block_size {PRESETS['llama'].block_size} -> "
-          f"{context}, 1 thread; {new_tokens} new tokens from a 1-token prompt (the window slides after {context})\n")
+    long_cached, long_plain = both_ways(Transformer(PRESETS["llama"]).eval(), long_tokens)
+    print(f"llama preset ({model.num_params():,} params), 1 thread, from a 1-token prompt, medians of {runs} runs; "
+          f"past the window both ways read the same window (sample.window_start)\n")
     print_table(["generation", "seconds", "tokens/s", "vs recompute"], [
-        ["KV cache", f"{cached:.2f}", f"{new_tokens / cached:.0f}", f"{plain / cached:.1f}×"],
+        [f"KV cache, {new_tokens} tokens, {context}-token window", f"{cached:.2f}", f"{new_tokens / cached:.0f}",
+         f"{plain / cached:.1f}×"],
         ["recompute the window each step", f"{plain:.2f}", f"{new_tokens / plain:.0f}", "1.0×"],
+        [f"KV cache, {long_tokens} tokens, {window}-token window", f"{long_cached:.2f}",
+         f"{long_tokens / long_cached:.0f}", f"{long_plain / long_cached:.1f}×"],
+        ["recompute the window each step", f"{long_plain:.2f}", f"{long_tokens / long_plain:.0f}", "1.0×"],
         [f"time to first token, {prompt_tokens}-token prompt", f"{first * 1000:.1f} ms", "", ""]])
     print(f"\nnanoGPT's sample.py on its CPU recipe model (64-token window, no cache): "
           f"{NANOGPT['tok_s_generate']} tokens/s quoted, {NANOGPT_MEASURED['tok_s_generate']} measured side by side")
-    print("targets: KV cache ≥ 5× recompute; ≥ 550 tokens/s (3× the quoted 183)")
+    print(f"targets: KV cache ≥ 5× recompute at {new_tokens} tokens and ≥ 4× at {long_tokens} "
+          f"({long_tokens // window}× past the window); ≥ 550 tokens/s (3× the quoted 183)")
 
 
 BENCHES["generate"] = bench_generate

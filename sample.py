@@ -14,12 +14,23 @@ in this order:
 `generate` runs the loop with a KV cache by default: the prompt is processed
 once (prefill), then each step feeds only the newest token.
 
+Past the context window (block_size = W tokens) a token cannot see all that
+precedes it. Here the window, counted from the first prompt token, stays put
+until it is full, then jumps forward by W//4 + 1 tokens and is computed afresh
+(a new prefill); see `window_start`. So a token with more than W tokens before
+it reads the last W − W//4 to W of them (¾ to all of a window), with positions
+counted from the window's start and every layer's keys and values computed
+from the window alone, as a position in a training block sees only its block.
+`kv_cache=False` recomputes the same window at every step: the same tokens,
+only slower, and so the reference that checks the cache.
+
 New since stage 18: the trained run is put to use. Run it:
 
     python sample.py --model-checkpoint out/gpt --prompt "ROMEO:" --max-new-tokens 300
     python sample.py --model-checkpoint out/gpt --num-samples 3 --stop "\n\n" --temperature 0.8 --top-p 0.9
 """
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -109,34 +120,46 @@ def new_cache(model, batch_size):
     return model.new_kv_cache(batch_size, device=p.device, dtype=p.dtype)
 
 
+def window_start(length, window):
+    """Where the context of the next token starts, with `length` tokens so far: it reads idx[:, start:length].
+
+    Up to a full window nothing is dropped (start 0). Past it, the window jumps
+    forward by window // 4 + 1 tokens each time it is full, so the next token reads
+    between window − window // 4 and window tokens. Example with window 16 (jumps of 5):
+    lengths 1…16 start at 0, lengths 17…21 at 5, lengths 22…26 at 10.
+    """
+    jump = window // 4 + 1
+    return jump * math.ceil(max(0, length - window) / jump)
+
+
 @torch.inference_mode()
 def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
     """Yield the next ids (B,) one step at a time: the one generation loop.
 
-    With the cache, the prompt is read once (prefill) and each later step feeds
-    only the newest token. The cache holds block_size positions; when it is full
-    we rebuild it from the newest 3/4 of the window and carry on: one prefill every
-    block_size/4 tokens instead of a full recomputation at every step. (Until the
-    first refill, the tokens are exactly those of the no-cache path.)
+    Both paths read the same context, window_start(…) onwards. Without the cache
+    the model recomputes that context at every step. With it, a new window is
+    read once (prefill) and each later step feeds only the newest token, until
+    the window jumps: then the cache is dropped and the new window read afresh.
+    Refilling rather than rolling the cache is what keeps the two paths equal:
+    from layer 2 up, a cached key was computed from tokens the new window no
+    longer holds, so keeping it would give a context no recomputation sees.
     """
     if idx.size(1) == 0:
         raise ValueError("the prompt is empty: give at least one token")
     window = context_window(model)
     use_cache = kv_cache and hasattr(model, "new_kv_cache")
-    keep = max(1, window - window // 4)
-    cache, pending = None, idx[:, -window:]
+    cache, cache_start = None, None
     for _ in range(max_new_tokens):
+        start = window_start(idx.size(1), window)
         if not use_cache:
-            logits, _ = model(idx[:, -window:])  # recompute everything, context cropped to the window
+            logits, _ = model(idx[:, start:])  # recompute the whole window
+        elif start != cache_start:  # the first step, or the window jumped: prefill it into a fresh cache
+            cache, cache_start = new_cache(model, idx.size(0)), start
+            logits, _ = model(idx[:, start:], cache=cache)  # (B, T) -> (B, T, V)
         else:
-            if cache is None or cache.length == window:
-                if cache is not None:  # full: slide the window
-                    pending = idx[:, -keep:]
-                cache = new_cache(model, idx.size(0))
-            logits, _ = model(pending, cache=cache)  # (B, T) -> (B, T, V): prefill, then one token per step
+            logits, _ = model(idx[:, -1:], cache=cache)  # (B, 1) -> (B, 1, V): the newest token only
         new = next_token(logits[:, -1, :], idx, **rules)  # (B,)
         idx = torch.cat([idx, new[:, None]], dim=1)  # (B, T) -> (B, T+1)
-        pending = new[:, None]
         yield new
 
 

@@ -1,4 +1,5 @@
 """Sampling: each rule against a hand-worked case, the generation loop against recomputation."""
+import dataclasses
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from char_tokenizer import CharTokenizer
 from checkpoint import WEIGHTS, model_config_dict, save_run_files, save_weights
 from sample import (apply_repetition_penalty, apply_top_k, apply_top_p, check_sampling_args, generate, next_token,
                     stream_generate, stream_text)
-from transformer import ModelConfig, Transformer
+from transformer import PRESETS, Transformer
 
 NEG = float("-inf")
 
@@ -92,33 +93,70 @@ def test_invalid_settings_raise(bad):
 
 
 def tiny_model(kind, vocab=48, block_size=16):
+    """A preset (gpt, llama or moe) shrunk to 2 layers of 32 channels, with random weights."""
     torch.manual_seed(0)
-    extra = dict(norm="rmsnorm", mlp="swiglu", pos="rope", n_kv_head=1) if kind == "llama" else {}
-    model = Transformer(ModelConfig(vocab_size=vocab, block_size=block_size, n_layer=2, n_head=2, n_embd=32,
-                                    tie_weights=False, **extra))
+    config = dataclasses.replace(PRESETS[kind], vocab_size=vocab, block_size=block_size, n_layer=2, n_head=2,
+                                 n_kv_head=None if kind == "gpt" else 1, n_embd=32, ffn_hidden=None,
+                                 tie_weights=False)
+    model = Transformer(config)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 2:
-                p.mul_(5)  # spread the logits, so no two are near-tied for greedy
+                p.mul_(10)  # spread the logits (std ~1.2), so no two are near-tied for greedy
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", ["gpt", "llama"])
-def test_kv_cache_matches_recomputation_and_runs_past_block_size(kind):
-    model = tiny_model(kind)
+def test_window_start_jumps_by_a_quarter_window_plus_one():
+    starts = [sample.window_start(n, 16) for n in (1, 16, 17, 21, 22, 26, 27)]
+    assert starts == [0, 0, 5, 5, 10, 10, 15]  # jumps of 16 // 4 + 1 = 5 once the window is full
+    for n in range(17, 200):  # past the window, a token reads ¾ to all of it
+        assert 12 <= n - sample.window_start(n, 16) <= 16
+    assert [sample.window_start(n, 1) for n in (1, 2, 3)] == [0, 1, 2]  # a bigram reads the last token
+
+
+def greedy_run(model, prompt, new_tokens, kv_cache):
+    """Greedy tokens (1, T + new) and the logits (new, V) each step's choice was made from."""
+    steps, choose = [], sample.next_token
+
+    def recording(logits, *args, **kwargs):
+        steps.append(logits)
+        return choose(logits, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sample, "next_token", recording)
+        out = generate(model, prompt, new_tokens, temperature=0, kv_cache=kv_cache)
+    return out, torch.cat(steps)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "llama", "moe"])
+@pytest.mark.parametrize("prompt_len", [5, 40])  # a prompt inside the window, and one 2.5 windows long
+def test_kv_cache_matches_recomputation_far_past_the_window(kind, prompt_len):
+    model, new = tiny_model(kind), 3 * 16
+    prompt = torch.randint(48, (1, prompt_len), generator=torch.Generator().manual_seed(2))
+    cached, cached_logits = greedy_run(model, prompt, new, True)
+    plain, plain_logits = greedy_run(model, prompt, new, False)
+    assert torch.equal(cached, plain) and cached.shape == (1, prompt_len + new)
+    assert (cached_logits - plain_logits).abs().max() < 1e-4
+    top2 = cached_logits.topk(2, dim=-1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 1e-3  # no near-tie: greedy is decided by the logits, not by noise
+    assert len(set(cached[0, prompt_len:].tolist())) > 5  # a real continuation, not one repeated id
+    with torch.no_grad():  # each step read exactly the window window_start names, computed afresh
+        for step in range(new):
+            n = prompt_len + step
+            want = model(cached[:, sample.window_start(n, 16):n])[0][0, -1]
+            assert torch.allclose(cached_logits[step], want, atol=1e-4)
+
+
+def test_sampling_is_seeded_and_the_same_with_or_without_the_cache():
+    model = tiny_model("llama")
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
-    cached = generate(model, prompt, 11, temperature=0)  # 16 tokens: the whole window, no sliding yet
-    plain = generate(model, prompt, 11, temperature=0, kv_cache=False)
-    assert torch.equal(cached, plain) and cached.shape == (1, 16)
-    assert len(set(cached[0, 5:].tolist())) > 1  # a real continuation, not one repeated id
     long = generate(model, prompt, 45, temperature=0.8, generator=torch.Generator().manual_seed(1))
     assert long.shape == (1, 50) and torch.equal(long[:, :5], prompt)
     assert 0 <= long.min() and long.max() < 48
     again = generate(model, prompt, 45, temperature=0.8, generator=torch.Generator().manual_seed(1))
     assert torch.equal(long, again)  # a fixed seed gives identical output
-    long_prompt = torch.randint(48, (1, 40), generator=torch.Generator().manual_seed(2))
-    assert torch.equal(generate(model, long_prompt, 1, temperature=0),
-                       generate(model, long_prompt, 1, temperature=0, kv_cache=False))  # cropped alike
+    plain = generate(model, prompt, 45, temperature=0.8, generator=torch.Generator().manual_seed(1), kv_cache=False)
+    assert torch.equal(long, plain)
 
 
 def test_a_batch_equals_its_rows_alone_and_stops_per_row():
