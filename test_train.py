@@ -154,7 +154,8 @@ def test_loss_plot_and_plot_command(tmp_path, corpus, monkeypatch):
     assert "not a run directory" in one_clean_line(cli(str(ROOT / "plot.py"), "nothing", cwd=tmp_path))
 
 
-def test_a_time_budget_alone_is_not_capped_by_the_default_steps():
+def test_a_time_budget_alone_is_not_capped_by_the_default_steps(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out, out/gpt, must not hold a run (the README's first command makes one)
     assert train.resolve_args(["--max-time", "60"])["steps"] > 10**9
     assert train.resolve_args(["--max-time", "60", "--steps", "100"])["steps"] == 100
     assert train.resolve_args([])["steps"] == 2000
