@@ -30,6 +30,7 @@ from unittest import mock
 import torch
 from safetensors.torch import load_file
 
+import dataset
 import evaluate
 import train
 from bpe_tokenizer import BPETokenizer, SentencePieceTokenizer, load_tokenizer
@@ -565,6 +566,89 @@ def bench_clean(repeats=3):
 
 
 BENCHES["clean"] = bench_clean
+
+
+DATA_CHILD = """import json, resource, sys, time
+root, corpus, tokenizer, cache, workers, out = sys.argv[1:]
+sys.path.insert(0, root)
+import dataset
+from bpe_tokenizer import load_tokenizer
+t0 = time.perf_counter()
+source = dataset.scan_source(corpus)
+t1 = time.perf_counter()
+ids = dataset.encode_parts([(source, 0, source.chars)], load_tokenizer(tokenizer), cache, int(workers))
+t2 = time.perf_counter()
+json.dump({"scan_s": t1 - t0, "encode_s": t2 - t1, "tokens": len(ids), "bytes": source.bytes,
+           "workers_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}, open(out, "w"))
+"""
+
+
+def bench_data(size_mb=None, seed=0):
+    """Streaming tokenization: MB/s with 1 and 2 workers, peak RSS per process, cache-ready to first step.
+
+    The corpus (BENCH_DATA_MB, default 1000 MB) is built from the lines of tiny_shakespeare.txt and
+    ja_aozora.txt, shuffled anew for each copy so it is not one file repeated.
+    """
+    size_mb = size_mb or float(os.environ.get("BENCH_DATA_MB", 1000))
+    root = Path(__file__).resolve().parent
+    lines = []
+    for name in ("tiny_shakespeare.txt", "ja_aozora.txt"):
+        path = next((p for p in (root / name, root.parent / "shared/data" / name) if p.exists()), None)
+        if path is None:
+            raise FileNotFoundError(f"{name} not found at the repo root or in ../shared/data")
+        lines += path.read_text(encoding="utf-8").splitlines(keepends=True)
+    rng, rows = random.Random(seed), []
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)  # tokenizers and token caches go to out/cache here, not into the checkout
+        corpus, written = Path(tmp, "corpus.txt"), 0
+        with corpus.open("w", encoding="utf-8") as f:
+            while written < size_mb * 1e6:
+                rng.shuffle(lines)
+                copy = "".join(lines)
+                f.write(copy)
+                written += len(copy.encode("utf-8"))
+        mb = corpus.stat().st_size / 1e6
+        sources = [dataset.scan_source(corpus)]
+        for kind in ("char", "bpe", "spm"):
+            t0 = time.perf_counter()
+            tok = train.cached_tokenizer(kind, train.tokenizer_text(kind, dataset.split_parts(sources, 0)), 1024)
+            fit = time.perf_counter() - t0
+            tok_file = Path(tmp, f"tok-{kind}")
+            tok.save(tok_file)
+            speeds = {}
+            for workers in (1, 2):
+                result = Path(tmp, f"{kind}-{workers}.json")
+                rss = run_child([sys.executable, "-c", DATA_CHILD, str(root), str(corpus), str(tok_file),
+                                 f"{tmp}/cache-{kind}-{workers}", str(workers), str(result)])
+                r = json.loads(result.read_text())
+                speeds[workers] = mb / r["encode_s"]
+                worker_rss = f"{r['workers_rss_mb']:,.0f}" if workers > 1 else "—"
+                rows.append([kind, f"{fit:.0f}", workers, f"{speeds[workers]:.2f}", f"{r['tokens'] / (mb * 1e6):.3f}",
+                             f"{rss:,.0f}", worker_rss, f"{r['scan_s']:.1f}"])
+            rows[-1][3] += f" ({speeds[2] / speeds[1]:.2f}×)"
+        flags = [sys.executable, str(root / "train.py"), "--data", str(corpus), "--out", f"{tmp}/run", "--steps", "1",
+                 "--eval-iters", "1", "--eval-interval", "1", "--log-interval", "1", "--overwrite"]
+        first = time.perf_counter()
+        run_child(flags)  # tokenizes into out/cache
+        first = time.perf_counter() - first
+        t0 = time.perf_counter()
+        rss = run_child(flags)
+        ready = time.perf_counter() - t0
+        rows_start = [["first run (tokenizes)", f"{first:.1f}"], ["second run (cache ready)", f"{ready:.1f}"]]
+        os.chdir(root)
+    print(f"corpus: {mb:,.0f} MB of tiny_shakespeare.txt + ja_aozora.txt lines, shuffled per copy; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. fit: seconds to train the tokenizer (bpe/spm on "
+          f"a {dataset.TOKENIZER_SAMPLE_CHARS:,}-character sample). Peak RSS by os.wait4 (the process) and "
+          "RUSAGE_CHILDREN (its largest worker).\n")
+    print_table(["tokenizer", "fit s", "workers", "MB/s", "tokens/byte", "peak RSS MB", "worker RSS MB", "scan s"],
+                rows)
+    print(f"\ntrain.py --steps 1 (char, gpt preset) on the corpus, wall seconds from start to exit; peak RSS of the "
+          f"second {rss:,.0f} MB:\n")
+    print_table(["run", "seconds"], rows_start)
+    print("\ntargets: peak RSS ≤ 600 MB per process; 2 workers ≥ 1.6× one; a run starts ≤ 5 s after the cache")
+
+
+BENCHES["data"] = bench_data
 
 
 def main():
