@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 import dataset
 import evaluate
 import train
-from bpe_tokenizer import BPETokenizer, SentencePieceTokenizer, load_tokenizer
+from bpe_tokenizer import TOKENIZER_FILES, BPETokenizer, SentencePieceTokenizer, load_tokenizer
 from char_tokenizer import CharTokenizer
 from checkpoint import STATE, WEIGHTS, load_run, load_training_state, model_config_dict, save_run_files, save_weights
 from quantize import quantize_run
@@ -568,7 +568,7 @@ def bench_clean(repeats=3):
 BENCHES["clean"] = bench_clean
 
 
-DATA_CHILD = """import json, resource, sys, time
+DATA_CHILD = """import json, sys, time
 root, corpus, tokenizer, cache, workers, out = sys.argv[1:]
 sys.path.insert(0, root)
 import dataset
@@ -577,9 +577,15 @@ t0 = time.perf_counter()
 source = dataset.scan_source(corpus)
 t1 = time.perf_counter()
 ids = dataset.encode_parts([(source, 0, source.chars)], load_tokenizer(tokenizer), cache, int(workers))
-t2 = time.perf_counter()
-json.dump({"scan_s": t1 - t0, "encode_s": t2 - t1, "tokens": len(ids), "bytes": source.bytes,
-           "workers_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}, open(out, "w"))
+json.dump({"scan_s": t1 - t0, "encode_s": time.perf_counter() - t1, "tokens": len(ids)}, open(out, "w"))
+"""
+# Linux carries the RSS of a forked copy of a large parent into its exec'd child's ru_maxrss, so a small
+# launcher starts each measured command: what os.wait4 then reports is the command's own peak, and
+# RUSAGE_CHILDREN after it the largest of the command's own children (the tokenizing workers).
+PEAK_RSS_LAUNCHER = """import json, os, resource, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+json.dump({"code": os.waitstatus_to_exitcode(status), "rss_mb": usage.ru_maxrss / 1024}, open(sys.argv[1], "w"))
 """
 
 
@@ -600,6 +606,20 @@ def bench_data(size_mb=None, seed=0):
     rng, rows = random.Random(seed), []
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)  # tokenizers and token caches go to out/cache here, not into the checkout
+
+        def measured(args, first_step=None):
+            """Run `args` under the launcher: (wall seconds, peak RSS MB, seconds until `first_step` exists)."""
+            t0, seen = time.perf_counter(), None
+            proc = subprocess.Popen([sys.executable, "-c", PEAK_RSS_LAUNCHER, f"{tmp}/rss.json", *args])
+            while proc.poll() is None:
+                if first_step and seen is None and Path(first_step).exists():
+                    seen = time.perf_counter() - t0
+                time.sleep(0.02)
+            wall, r = time.perf_counter() - t0, json.loads(Path(tmp, "rss.json").read_text())
+            if proc.returncode or r["code"]:
+                raise subprocess.CalledProcessError(r["code"], args)
+            return wall, r["rss_mb"], seen
+
         corpus, written = Path(tmp, "corpus.txt"), 0
         with corpus.open("w", encoding="utf-8") as f:
             while written < size_mb * 1e6:
@@ -608,43 +628,36 @@ def bench_data(size_mb=None, seed=0):
                 f.write(copy)
                 written += len(copy.encode("utf-8"))
         mb = corpus.stat().st_size / 1e6
-        sources = [dataset.scan_source(corpus)]
         for kind in ("char", "bpe", "spm"):
-            t0 = time.perf_counter()
-            tok = train.cached_tokenizer(kind, train.tokenizer_text(kind, dataset.split_parts(sources, 0)), 1024)
-            fit = time.perf_counter() - t0
-            tok_file = Path(tmp, f"tok-{kind}")
-            tok.save(tok_file)
+            tok_file = Path(tmp, f"{kind}-{TOKENIZER_FILES[kind]}")  # load_tokenizer goes by the suffix
+            fit = measured([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(root)!r}); import dataset, "
+                            f"train; s = [dataset.scan_source({str(corpus)!r})]; train.cached_tokenizer({kind!r}, "
+                            f"train.tokenizer_text({kind!r}, dataset.split_parts(s, 0)), 8192).save({str(tok_file)!r})"])
             speeds = {}
             for workers in (1, 2):
                 result = Path(tmp, f"{kind}-{workers}.json")
-                rss = run_child([sys.executable, "-c", DATA_CHILD, str(root), str(corpus), str(tok_file),
-                                 f"{tmp}/cache-{kind}-{workers}", str(workers), str(result)])
+                _, rss, _ = measured([sys.executable, "-c", DATA_CHILD, str(root), str(corpus), str(tok_file),
+                                      f"{tmp}/cache-{kind}-{workers}", str(workers), str(result)])
                 r = json.loads(result.read_text())
                 speeds[workers] = mb / r["encode_s"]
-                worker_rss = f"{r['workers_rss_mb']:,.0f}" if workers > 1 else "—"
-                rows.append([kind, f"{fit:.0f}", workers, f"{speeds[workers]:.2f}", f"{r['tokens'] / (mb * 1e6):.3f}",
-                             f"{rss:,.0f}", worker_rss, f"{r['scan_s']:.1f}"])
-            rows[-1][3] += f" ({speeds[2] / speeds[1]:.2f}×)"
+                rows.append([kind, f"{fit[0]:.0f}", f"{fit[1]:,.0f}", workers, f"{speeds[workers]:.2f}",
+                             f"{r['tokens'] / (mb * 1e6):.3f}", f"{rss:,.0f}", f"{r['scan_s']:.1f}"])
+            rows[-1][4] += f" ({speeds[2] / speeds[1]:.2f}×)"
         flags = [sys.executable, str(root / "train.py"), "--data", str(corpus), "--out", f"{tmp}/run", "--steps", "1",
                  "--eval-iters", "1", "--eval-interval", "1", "--log-interval", "1", "--overwrite"]
-        first = time.perf_counter()
-        run_child(flags)  # tokenizes into out/cache
-        first = time.perf_counter() - first
-        t0 = time.perf_counter()
-        rss = run_child(flags)
-        ready = time.perf_counter() - t0
-        rows_start = [["first run (tokenizes)", f"{first:.1f}"], ["second run (cache ready)", f"{ready:.1f}"]]
+        start = []
+        for label in ("first run (tokenizes)", "second run (cache ready)"):
+            wall, rss, first_step = measured(flags, first_step=f"{tmp}/run/metrics.jsonl")
+            start.append([label, f"{first_step:.1f}", f"{wall:.1f}", f"{rss:,.0f}"])
         os.chdir(root)
     print(f"corpus: {mb:,.0f} MB of tiny_shakespeare.txt + ja_aozora.txt lines, shuffled per copy; load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. fit: seconds to train the tokenizer (bpe/spm on "
-          f"a {dataset.TOKENIZER_SAMPLE_CHARS:,}-character sample). Peak RSS by os.wait4 (the process) and "
-          "RUSAGE_CHILDREN (its largest worker).\n")
-    print_table(["tokenizer", "fit s", "workers", "MB/s", "tokens/byte", "peak RSS MB", "worker RSS MB", "scan s"],
-                rows)
-    print(f"\ntrain.py --steps 1 (char, gpt preset) on the corpus, wall seconds from start to exit; peak RSS of the "
-          f"second {rss:,.0f} MB:\n")
-    print_table(["run", "seconds"], rows_start)
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. fit: seconds and peak RSS to train the tokenizer "
+          f"(bpe/spm on a {dataset.TOKENIZER_SAMPLE_CHARS:,}-character sample, vocabulary 8192). Peak RSS: the "
+          "tokenizing process, by os.wait4; with 2 workers, the largest of it and its workers.\n")
+    print_table(["tokenizer", "fit s", "fit RSS MB", "workers", "MB/s", "tokens/byte", "peak RSS MB", "scan s"], rows)
+    print("\ntrain.py --steps 1 (char, gpt preset) on the corpus: seconds from launch to the first step logged, "
+          "wall seconds, peak RSS:\n")
+    print_table(["run", "first step s", "wall s", "peak RSS MB"], start)
     print("\ntargets: peak RSS ≤ 600 MB per process; 2 workers ≥ 1.6× one; a run starts ≤ 5 s after the cache")
 
 
