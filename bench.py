@@ -632,7 +632,8 @@ def bench_data(size_mb=None, seed=0):
             tok_file = Path(tmp, f"{kind}-{TOKENIZER_FILES[kind]}")  # load_tokenizer goes by the suffix
             fit = measured([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(root)!r}); import dataset, "
                             f"train; s = [dataset.scan_source({str(corpus)!r})]; train.cached_tokenizer({kind!r}, "
-                            f"train.tokenizer_text({kind!r}, dataset.split_parts(s, 0)), 8192).save({str(tok_file)!r})"])
+                            f"train.tokenizer_text({kind!r}, dataset.split_parts(s, 0)), 8192)"
+                            f".save({str(tok_file)!r})"])
             speeds = {}
             for workers in (1, 2):
                 result = Path(tmp, f"{kind}-{workers}.json")
@@ -643,11 +644,12 @@ def bench_data(size_mb=None, seed=0):
                 rows.append([kind, f"{fit[0]:.0f}", f"{fit[1]:,.0f}", workers, f"{speeds[workers]:.2f}",
                              f"{r['tokens'] / (mb * 1e6):.3f}", f"{rss:,.0f}", f"{r['scan_s']:.1f}"])
             rows[-1][4] += f" ({speeds[2] / speeds[1]:.2f}×)"
-        flags = [sys.executable, str(root / "train.py"), "--data", str(corpus), "--out", f"{tmp}/run", "--steps", "1",
-                 "--eval-iters", "1", "--eval-interval", "1", "--log-interval", "1", "--overwrite"]
+        flags = [sys.executable, str(root / "train.py"), "--data", str(corpus), "--steps", "1", "--eval-iters", "1",
+                 "--eval-interval", "1", "--log-interval", "1"]
         start = []
         for label in ("first run (tokenizes)", "second run (cache ready)"):
-            wall, rss, first_step = measured(flags, first_step=f"{tmp}/run/metrics.jsonl")
+            run_dir = f"{tmp}/run{len(start)}"
+            wall, rss, first_step = measured([*flags, "--out", run_dir], first_step=f"{run_dir}/metrics.jsonl")
             start.append([label, f"{first_step:.1f}", f"{wall:.1f}", f"{rss:,.0f}"])
         os.chdir(root)
     print(f"corpus: {mb:,.0f} MB of tiny_shakespeare.txt + ja_aozora.txt lines, shuffled per copy; load average "

@@ -446,7 +446,7 @@ class BlockDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         start = i * self.stride
-        window = torch.as_tensor(np.asarray(self.data[start:start + self.block_size + 1]), dtype=torch.long)
+        window = torch.from_numpy(np.asarray(self.data[start:start + self.block_size + 1]).astype(np.int64))
         return window[:-1], window[1:]
 
 
