@@ -30,9 +30,10 @@ from unittest import mock
 import torch
 from safetensors.torch import load_file
 
+import dataset
 import evaluate
 import train
-from bpe_tokenizer import BPETokenizer, SentencePieceTokenizer, load_tokenizer
+from bpe_tokenizer import TOKENIZER_FILES, BPETokenizer, SentencePieceTokenizer, load_tokenizer
 from char_tokenizer import CharTokenizer
 from checkpoint import STATE, WEIGHTS, load_run, load_training_state, model_config_dict, save_run_files, save_weights
 from quantize import quantize_run
@@ -593,6 +594,104 @@ def bench_clean(repeats=3):
 
 
 BENCHES["clean"] = bench_clean
+
+
+DATA_CHILD = """import json, sys, time
+root, corpus, tokenizer, cache, workers, out = sys.argv[1:]
+sys.path.insert(0, root)
+import dataset
+from bpe_tokenizer import load_tokenizer
+t0 = time.perf_counter()
+source = dataset.scan_source(corpus)
+t1 = time.perf_counter()
+ids = dataset.encode_parts([(source, 0, source.chars)], load_tokenizer(tokenizer), cache, int(workers))
+json.dump({"scan_s": t1 - t0, "encode_s": time.perf_counter() - t1, "tokens": len(ids)}, open(out, "w"))
+"""
+# Linux carries the RSS of a forked copy of a large parent into its exec'd child's ru_maxrss, so a small
+# launcher starts each measured command: what os.wait4 then reports is the command's own peak, and
+# RUSAGE_CHILDREN after it the largest of the command's own children (the tokenizing workers).
+PEAK_RSS_LAUNCHER = """import json, os, resource, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+json.dump({"code": os.waitstatus_to_exitcode(status), "rss_mb": usage.ru_maxrss / 1024}, open(sys.argv[1], "w"))
+"""
+
+
+def bench_data(size_mb=None, seed=0):
+    """Streaming tokenization: MB/s with 1 and 2 workers, peak RSS per process, cache-ready to first step.
+
+    The corpus (BENCH_DATA_MB, default 1000 MB) is built from the lines of tiny_shakespeare.txt and
+    ja_aozora.txt, shuffled anew for each copy so it is not one file repeated.
+    """
+    size_mb = size_mb or float(os.environ.get("BENCH_DATA_MB", 1000))
+    root = Path(__file__).resolve().parent
+    lines = []
+    for name in ("tiny_shakespeare.txt", "ja_aozora.txt"):
+        path = next((p for p in (root / name, root.parent / "shared/data" / name) if p.exists()), None)
+        if path is None:
+            raise FileNotFoundError(f"{name} not found at the repo root or in ../shared/data")
+        lines += path.read_text(encoding="utf-8").splitlines(keepends=True)
+    rng, rows = random.Random(seed), []
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chdir(tmp)  # tokenizers and token caches go to out/cache here, not into the checkout
+
+        def measured(args, first_step=None):
+            """Run `args` under the launcher: (wall seconds, peak RSS MB, seconds until `first_step` exists)."""
+            t0, seen = time.perf_counter(), None
+            proc = subprocess.Popen([sys.executable, "-c", PEAK_RSS_LAUNCHER, f"{tmp}/rss.json", *args])
+            while proc.poll() is None:
+                if first_step and seen is None and Path(first_step).exists():
+                    seen = time.perf_counter() - t0
+                time.sleep(0.02)
+            wall, r = time.perf_counter() - t0, json.loads(Path(tmp, "rss.json").read_text())
+            if proc.returncode or r["code"]:
+                raise subprocess.CalledProcessError(r["code"], args)
+            return wall, r["rss_mb"], seen
+
+        corpus, written = Path(tmp, "corpus.txt"), 0
+        with corpus.open("w", encoding="utf-8") as f:
+            while written < size_mb * 1e6:
+                rng.shuffle(lines)
+                copy = "".join(lines)
+                f.write(copy)
+                written += len(copy.encode("utf-8"))
+        mb = corpus.stat().st_size / 1e6
+        for kind in ("char", "bpe", "spm"):
+            tok_file = Path(tmp, f"{kind}-{TOKENIZER_FILES[kind]}")  # load_tokenizer goes by the suffix
+            fit = measured([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(root)!r}); import dataset, "
+                            f"train; s = [dataset.scan_source({str(corpus)!r})]; train.cached_tokenizer({kind!r}, "
+                            f"train.tokenizer_text({kind!r}, dataset.split_parts(s, 0)), 8192)"
+                            f".save({str(tok_file)!r})"])
+            speeds = {}
+            for workers in (1, 2):
+                result = Path(tmp, f"{kind}-{workers}.json")
+                _, rss, _ = measured([sys.executable, "-c", DATA_CHILD, str(root), str(corpus), str(tok_file),
+                                      f"{tmp}/cache-{kind}-{workers}", str(workers), str(result)])
+                r = json.loads(result.read_text())
+                speeds[workers] = mb / r["encode_s"]
+                rows.append([kind, f"{fit[0]:.0f}", f"{fit[1]:,.0f}", workers, f"{speeds[workers]:.2f}",
+                             f"{r['tokens'] / (mb * 1e6):.3f}", f"{rss:,.0f}", f"{r['scan_s']:.1f}"])
+            rows[-1][4] += f" ({speeds[2] / speeds[1]:.2f}×)"
+        flags = [sys.executable, str(root / "train.py"), "--data", str(corpus), "--steps", "1", "--eval-iters", "1",
+                 "--eval-interval", "1", "--log-interval", "1"]
+        start = []
+        for label in ("first run (tokenizes)", "second run (cache ready)"):
+            run_dir = f"{tmp}/run{len(start)}"
+            wall, rss, first_step = measured([*flags, "--out", run_dir], first_step=f"{run_dir}/metrics.jsonl")
+            start.append([label, f"{first_step:.1f}", f"{wall:.1f}", f"{rss:,.0f}"])
+        os.chdir(root)
+    print(f"corpus: {mb:,.0f} MB of tiny_shakespeare.txt + ja_aozora.txt lines, shuffled per copy; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores. fit: seconds and peak RSS to train the tokenizer "
+          f"(bpe/spm on a {dataset.TOKENIZER_SAMPLE_CHARS:,}-character sample, vocabulary 8192). Peak RSS: the "
+          "tokenizing process, by os.wait4; with 2 workers, the largest of it and its workers.\n")
+    print_table(["tokenizer", "fit s", "fit RSS MB", "workers", "MB/s", "tokens/byte", "peak RSS MB", "scan s"], rows)
+    print("\ntrain.py --steps 1 (char, gpt preset) on the corpus: seconds from launch to the first step logged, "
+          "wall seconds, peak RSS:\n")
+    print_table(["run", "first step s", "wall s", "peak RSS MB"], start)
+    print("\ntargets: peak RSS ≤ 600 MB per process; 2 workers ≥ 1.6× one; a run starts ≤ 5 s after the cache")
+
+
+BENCHES["data"] = bench_data
 
 
 def main():

@@ -13,6 +13,10 @@ tokens and scores only its last S positions, so every token (after the first
 block) sees block_size − S tokens of context at least: slower, and the honest
 figure. Every target is scored exactly once either way.
 
+A run trained on several sources (`train.py --data a.txt b.txt`) is scored on
+the whole split and on each source's own part of it: a mixed Japanese and
+English model shows how it does on each language.
+
     python evaluate.py out/gpt --split test [--stride 32]
 """
 import argparse
@@ -22,10 +26,12 @@ import sys
 import torch
 
 from checkpoint import load_run, resolve_run_dir
-from dataset import as_tensor, encode_cached, read_text, split_text
+from dataset import (as_tensor, encode_cached, parts_text, recorded_sources, resolve_paths, scan_source,
+                     split_parts)
 from sample import generate, prompt_ids
 
 SPLITS = ("val", "test", "heldout")  # heldout = val + test: the last 10%, where nanoGPT validates
+PARTS = {"val": (1,), "test": (2,), "heldout": (1, 2)}  # the parts of dataset.split_parts in each
 
 
 def windows(n_tokens, block_size, stride):
@@ -77,10 +83,18 @@ def evaluate_text(model, tok, text, block_size, stride=None, batch_size=32, devi
             "tokens": count, "chars": chars}
 
 
-def split_of(config, split):
-    """The text of a split of the run's own corpus."""
-    train, val, test = split_text(read_text(config["args"]["data"]))
-    return {"val": val, "test": test, "heldout": val + test}[split]
+def run_sources(config):
+    """The run's sources, checked unchanged; a run from before sources were recorded names its --data."""
+    if "data" in config:
+        return recorded_sources(config["data"])
+    return [scan_source(p) for p in resolve_paths(config["args"]["data"])]
+
+
+def split_of(config, split, sources=None):
+    """The text of a split of the run's own corpus: every source's part of it, in --data order
+    (heldout: all the val parts, then all the test parts, as one text)."""
+    sources = run_sources(config) if sources is None else sources
+    return "".join(parts_text([p for k in PARTS[split] for p in split_parts(sources, k)]))
 
 
 def write_samples(model, tok, text, path, n=3, max_new_tokens=200, seed=0):
@@ -114,9 +128,13 @@ def main(argv=None):
         block_size = config["block_size"]
         if args.stride is not None and not 0 < args.stride <= block_size:
             raise ValueError(f"--stride must be in 1..{block_size} (the block size), got {args.stride}")
-        text = split_of(config, args.split)
-        result = evaluate_text(model, tok, text, block_size, args.stride, args.batch_size,
-                               next(model.parameters()).device)
+        device = next(model.parameters()).device
+        sources = run_sources(config)
+        text = split_of(config, args.split, sources)
+        result = evaluate_text(model, tok, text, block_size, args.stride, args.batch_size, device)
+        if len(sources) > 1:  # and each source's own part: its first token is context, not a target
+            result["sources"] = {s.path: evaluate_text(model, tok, split_of(config, args.split, [s]), block_size,
+                                                       args.stride, args.batch_size, device) for s in sources}
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -125,6 +143,9 @@ def main(argv=None):
     print(f"  loss       {result['loss']:.4f} nats/token")
     print(f"  perplexity {result['perplexity']:.3f}")
     print(f"  bits/char  {result['bits_per_char']:.4f}")
+    for path, r in result.get("sources", {}).items():
+        print(f"  {path}: loss {r['loss']:.4f}, bits/char {r['bits_per_char']:.4f} "
+              f"({r['tokens']:,} tokens, {r['chars']:,} chars)")
     if not args.no_samples:
         write_samples(model, tok, text, run_dir / "samples.txt")
         print(f"samples: {run_dir / 'samples.txt'}")

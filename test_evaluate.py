@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+import checkpoint
 import evaluate
 import train
 from bigram_lm import BigramLM
@@ -63,3 +64,32 @@ def test_sliding_window_is_no_worse_and_cli_prints_all_metrics(tmp_path, monkeyp
     out = capsys.readouterr().out
     assert all(word in out for word in ("loss", "perplexity", "bits/char"))
     assert (tmp_path / "run" / "samples.txt").read_text().count("### prompt") == 3
+
+
+def test_a_run_on_two_sources_is_scored_on_each(tmp_path, monkeypatch, capsys):
+    """Hand-computed with a bigram table: after "a", a and b have probability 1/2 each; after "b", a has 3/4.
+    The val parts are characters 180-189 of each source: "aaaaaaaaaa" scores 9 targets at ln 2 each
+    (1 bit/char); "ababababab" scores 5 b's after a at ln 2 and 4 a's after b at ln(4/3). Overall, the
+    two parts one after the other: 10 a's after a (one across the join), then the same 9 targets."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("a" * 200)
+    (tmp_path / "b.txt").write_text("ab" * 100)
+    train.run(["--model", "bigram", "--data", "a.txt", "b.txt", "--out", "run", "--block-size", "4",
+               "--batch-size", "2", "--steps", "1", "--eval-iters", "1", "--eval-interval", "1"])
+    model, tok, config = load_run("run")
+    assert tok.encode("ab") == [0, 1]
+    with torch.no_grad():
+        model.table.weight.copy_(torch.tensor([[0.0, 0.0, -1e9], [math.log(3), 0.0, -1e9], [0.0, 0.0, 0.0]]))
+    checkpoint.save_weights(model, tmp_path / "run" / "model.safetensors")
+    assert evaluate.split_of(config, "heldout") == "a" * 10 + "ab" * 5 + "a" * 10 + "ab" * 5
+    capsys.readouterr()
+    result = evaluate.main(["run", "--split", "val", "--no-samples"])
+    by_source = result["sources"]
+    ln2, ln43 = math.log(2), math.log(4 / 3)
+    assert by_source["a.txt"]["loss"] == pytest.approx(ln2, rel=1e-6)
+    assert by_source["a.txt"]["bits_per_char"] == pytest.approx(1.0, rel=1e-6)
+    assert by_source["b.txt"]["loss"] == pytest.approx((5 * ln2 + 4 * ln43) / 9, rel=1e-6)
+    assert by_source["b.txt"]["bits_per_char"] == pytest.approx((5 * ln2 + 4 * ln43) / 9 / ln2, rel=1e-6)
+    assert result["loss"] == pytest.approx((15 * ln2 + 4 * ln43) / 19, rel=1e-6)
+    out = capsys.readouterr().out
+    assert "a.txt: loss 0.6931, bits/char 1.0000" in out and "b.txt: loss" in out

@@ -1,10 +1,12 @@
 """The command lines end to end: train.py and sample.py, in subprocesses and in-process."""
+import hashlib
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -256,3 +258,80 @@ def test_resume_after_a_kill_before_the_first_checkpoint_or_mid_write(tmp_path, 
     assert state.step == 4
     assert [r["step"] for r in metrics(run) if "val_loss" in r] == [2, 4]  # started again at 0, rows not doubled
     assert list(run.glob(".*.tmp")) == []
+
+
+def many_sources(root):
+    """A folder with a text file and a .jsonl file, and a second folder for a glob."""
+    (root / "data" / "more").mkdir(parents=True)
+    (root / "data" / "a.txt").write_text(TEXT, encoding="utf-8")
+    lines = [json.dumps({"text": TEXT[i:i + 300]}) for i in range(0, 3000, 300)]
+    (root / "data" / "more" / "b.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (root / "other").mkdir()
+    (root / "other" / "c.txt").write_text(TEXT[::-1], encoding="utf-8")
+
+
+def test_data_from_many_sources_is_recorded_read_in_place_and_resumed(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    many_sources(tmp_path)
+    seen = []
+    real_stream = train.batch_stream
+    monkeypatch.setattr(train, "batch_stream",
+                        lambda args, ids, *rest: seen.append(ids) or real_stream(args, ids, *rest))
+    data = ["data", "other/*.txt"]
+    flags = ["--data", *data, "--out", "run", "--block-size", "16", "--batch-size", "8", "--n-layer", "1",
+             "--n-head", "2", "--n-embd", "32", "--eval-iters", "2", "--steps", "4", "--eval-interval", "2"]
+    train.run(flags)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    files = [tmp_path / "data" / "a.txt", tmp_path / "data" / "more" / "b.jsonl", tmp_path / "other" / "c.txt"]
+    assert config["args"]["data"] == data
+    assert config["data"] == [{"path": str(f.relative_to(tmp_path)), "bytes": f.stat().st_size,
+                               "sha256": hashlib.sha256(f.read_bytes()).hexdigest()} for f in files]
+    assert isinstance(seen[0], np.memmap)  # the token cache itself, not a copy
+    text_chars = len(TEXT) + sum(len(TEXT[i:i + 300]) + 1 for i in range(0, 3000, 300)) + len(TEXT)
+    train_chars = sum(int(n * 0.9) for n in (len(TEXT), 3000 + 10, len(TEXT)))
+    assert len(seen[0]) == train_chars < text_chars  # a char run: one id per character of the train parts
+    state = train.run(["--resume", "run", "--steps", "6", "--data", *data])  # the same --data: accepted
+    assert state.step == 6
+    capsys.readouterr()
+    for typed, message in [(["--data", "data"], "--data ['data'] differs from the run's"), ([], "changed since")]:
+        if not typed:
+            (tmp_path / "other" / "c.txt").write_text(TEXT, encoding="utf-8")
+        with pytest.raises(SystemExit) as stop:
+            train.main(["--resume", "run", "--steps", "8", *typed])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_data_tokenized_once_serves_a_second_run(tmp_path, corpus, monkeypatch):
+    import dataset
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, "--steps", "2", "--eval-interval", "2")
+    cache = sorted(p.name for p in (tmp_path / "out" / "cache").glob("*.npy"))
+
+    def no_tokenizing(*args):
+        raise AssertionError("tokenized again")
+    monkeypatch.setattr(dataset, "write_ids", no_tokenizing)
+    run_train(tmp_path, "--steps", "2", "--eval-interval", "2", "--out", str(tmp_path / "again"))
+    assert sorted(p.name for p in (tmp_path / "out" / "cache").glob("*.npy")) == cache and len(cache) == 2
+
+
+def test_bad_data_sources_exit_2_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    many_sources(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    (tmp_path / "sjis.txt").write_bytes(b"plain text " + "猫".encode("shift_jis"))
+    (tmp_path / "tiny.txt").write_text("just a few words, far too few for a block")
+    cases = [
+        (["empty"], "--data empty: no .txt or .jsonl file there"),
+        (["data", "*.csv"], "--data *.csv: no .txt or .jsonl file there"),
+        (["data", "bad.jsonl"], 'bad.jsonl line 2 has no "text" string (found keys txt)'),
+        (["data", "sjis.txt"], "sjis.txt is not UTF-8: byte 0x94 at offset 11"),
+        (["data", "tiny.txt"], "tiny.txt has 41 characters: its validation part (2) is fewer than one block (17)"),
+    ]
+    for data, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            train.main(["--data", *data, "--out", "bad", "--block-size", "16", "--steps", "1"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(err) == 1 and message in err[0], (data, err)
+        assert not (tmp_path / "bad").exists()

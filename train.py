@@ -4,6 +4,7 @@
     python train.py --model bigram --block-size 128 --batch-size 64 --steps 2000
     python train.py --preset llama --tokenizer bpe --vocab-size 1024 --out out/llama-bpe
     python train.py --resume out/llama-bpe            # continue exactly where it stopped
+    python train.py --data notes/ books/*.txt chat.jsonl   # many sources: files, folders, globs
     torchrun --nproc_per_node=2 train.py ...          # data-parallel on 2 processes
 
 Every flag is built from a dataclass field (`TrainConfig` in training_loop.py,
@@ -29,8 +30,9 @@ import torch
 import checkpoint as ckpt
 from bigram_lm import BigramLM
 from bpe_tokenizer import TOKENIZER_FILES, load_tokenizer, train_tokenizer
-from dataset import (CACHE_DIR, DEFAULT_CORPUS, as_tensor, encode_cached, epoch_batches, get_batch, read_text,
-                     split_text)
+from dataset import (CACHE_DIR, DEFAULT_CORPUS, as_tensor, default_workers, encode_parts, epoch_batches, get_batch,
+                     parts_text, recorded_sources, resolve_paths, sample_text, scan_source, split_bounds,
+                     split_parts)
 from training_loop import (LoopState, TrainConfig, TrainingDiverged, make_optimizer, plot_losses,
                            read_metrics, train_loop)
 from transformer import PRESETS, ModelConfig, Transformer
@@ -81,7 +83,9 @@ def build_parser(suppress=False):
     run.add_argument("--model", choices=["transformer", "bigram"], default=s("transformer"),
                      help="model family (default: %(default)s)")
     run.add_argument("--preset", default=s("gpt"), help=f"one of {', '.join(PRESETS)} (default: %(default)s)")
-    run.add_argument("--data", default=s(DEFAULT_CORPUS), help="UTF-8 text file (default: %(default)s, "
+    run.add_argument("--data", nargs="+", metavar="PATH", default=s([DEFAULT_CORPUS]),
+                     help="UTF-8 text: files, folders (every .txt/.jsonl below them) and globs; a .jsonl line "
+                     "gives its \"text\"; each source splits 90/5/5 on its own (default: %(default)s, "
                      "downloaded when missing)")
     run.add_argument("--out", default=s(None), help="run directory (default: out/<preset> or out/bigram)")
     run.add_argument("--tokenizer", choices=list(TOKENIZER_FILES), default=s("char"),
@@ -96,8 +100,8 @@ def build_parser(suppress=False):
     run.add_argument("--sampler", choices=["random", "epoch"], default=s("random"),
                      help="random-offset blocks (fast) or shuffled epochs of whole blocks through a "
                      "DataLoader (default: %(default)s)")
-    run.add_argument("--workers", type=int, default=s(None), help="DataLoader workers for --sampler epoch "
-                     "(default: CPU count − 1, at most 4)")
+    run.add_argument("--workers", type=int, default=s(None), help="processes that tokenize the data, and "
+                     "DataLoader workers for --sampler epoch (default: CPU count − 1, at most 4)")
     run.add_argument("--resume", default=s(None), metavar="DIR", help="continue the run in DIR")
     run.add_argument("--overwrite", action="store_true", default=s(False),
                      help="start afresh in an --out directory that already holds a run, replacing its files")
@@ -142,6 +146,26 @@ def set_rng_state(saved):
     torch.set_rng_state(saved["torch"])
 
 
+def tokenizer_text(kind, train_parts):
+    """What the tokenizer learns from: for char every character of the training text (a set is cheap,
+    and a character left out would become <unk>), for bpe and spm `dataset.sample_text`."""
+    if kind != "char":
+        return sample_text(train_parts)
+    seen = set()
+    for piece in parts_text(train_parts):
+        seen.update(piece)
+    return "".join(sorted(seen))
+
+
+def check_sources_fit(sources, block_size):
+    """Each source's 5% validation part (and so its test part) must hold one block plus its target."""
+    for source in sources:
+        _, (start, end), _ = split_bounds(source.chars)
+        if end - start < block_size + 1:
+            raise ValueError(f"{source.path} has {source.chars:,} characters: its validation part ({end - start}) "
+                             f"is fewer than one block ({block_size + 1}); use more text or a smaller --block-size")
+
+
 def cached_tokenizer(kind, text, vocab_size):
     """Train a tokenizer on `text`, or reuse the one trained before on the same text and settings."""
     if kind == "char":
@@ -166,6 +190,8 @@ def resolve_args(argv):
         run_dir = ckpt.resolve_run_dir(args["resume"])
         config = ckpt.read_config(run_dir)
         saved = config["args"]
+        if isinstance(saved.get("data"), str):  # a run from before --data took a list
+            saved["data"] = [saved["data"]]
         check_resume_flags(typed, saved, config["model"], run_dir)
         args = {**saved, **typed, "resume": str(run_dir), "out": str(run_dir)}
     if args["model"] == "bigram":
@@ -306,15 +332,21 @@ def run(argv=None):
     seed_everything(args["seed"] + rank)
     run_dir = Path(args["out"])
 
-    train_text, val_text, _ = split_text(read_text(args["data"]))
+    saved = ckpt.read_config(run_dir) if args["resume"] else {}
+    # A resumed run reads the very files it recorded, checked unchanged; a new one resolves --data.
+    sources = recorded_sources(saved["data"]) if "data" in saved else [scan_source(p) for p in
+                                                                       resolve_paths(args["data"])]
+    train_parts = split_parts(sources, 0)
     if args["resume"]:
         tok = load_tokenizer(run_dir / TOKENIZER_FILES[args["tokenizer"]])
-        saved = ckpt.read_config(run_dir)
         model, block_size = ckpt.build_model(saved["model"]), saved["block_size"]
     else:
-        tok = cached_tokenizer(args["tokenizer"], train_text, args["vocab_size"])
+        tok = cached_tokenizer(args["tokenizer"], tokenizer_text(args["tokenizer"], train_parts), args["vocab_size"])
         model, block_size = build_model(args, tok.vocab_size)
-    train_ids, val_ids = (as_tensor(encode_cached(t, tok)) for t in (train_text, val_text))
+    check_sources_fit(sources, block_size)
+    workers = default_workers() if args["workers"] is None else args["workers"]
+    train_ids = encode_parts(train_parts, tok, workers=workers)  # a memmap, read in place by the batches
+    val_ids = as_tensor(encode_parts(split_parts(sources, 1), tok, workers=workers))
     if len(train_ids) < block_size + 1:
         raise ValueError(f"the training split has {len(train_ids)} tokens, fewer than one block "
                          f"({block_size + 1}); use more text or a smaller --block-size")
@@ -325,8 +357,9 @@ def run(argv=None):
         if args.pop("overwrite", False):
             for name in (ckpt.METRICS, ckpt.WEIGHTS, ckpt.BEST_WEIGHTS, ckpt.STATE, "loss.png", "samples.txt"):
                 (run_dir / name).unlink(missing_ok=True)
-        config = {"model": ckpt.model_config_dict(model), "block_size": block_size,
-                  "tokenizer": args["tokenizer"], "tokenizer_file": TOKENIZER_FILES[args["tokenizer"]], "args": args}
+        config = {"model": ckpt.model_config_dict(model), "block_size": block_size, "tokenizer": args["tokenizer"],
+                  "tokenizer_file": TOKENIZER_FILES[args["tokenizer"]], "args": args,
+                  "data": [source.record() for source in sources]}
         ckpt.save_run_files(run_dir, config, tok, config["tokenizer_file"])
         unused = {"vocab_size"} if args["tokenizer"] == "char" else set()  # the char vocabulary is the text's
         print("config:", {k: v for k, v in args.items() if v is not None and k not in unused})
