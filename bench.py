@@ -433,15 +433,26 @@ def steady_tokens_per_sec(run_dir, skip_steps=20):
     return (rows[-1]["tokens"] - first["tokens"]) / (rows[-1]["elapsed"] - first["elapsed"])
 
 
+# Linux carries the RSS of a forked copy of a large parent into its exec'd child's ru_maxrss, so a small
+# launcher starts each measured command: what os.wait4 then reports is the command's own peak, and
+# RUSAGE_CHILDREN after it the largest of the command's own children (the tokenizing workers).
+PEAK_RSS_LAUNCHER = """import json, os, resource, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+json.dump({"code": os.waitstatus_to_exitcode(status), "rss_mb": usage.ru_maxrss / 1024}, open(sys.argv[1], "w"))
+"""
+
+
 def run_child(args, threads=1):
-    """Run a command line in a fresh process with `threads` threads; returns the peak RSS of that
-    process, in MB (os.wait4 reports the one child, not the maximum over every child so far)."""
+    """Run a command line in a fresh process with `threads` threads; returns that process's own peak RSS in MB."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), args)
-    return usage.ru_maxrss / 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-c", PEAK_RSS_LAUNCHER, f"{tmp}/rss.json", *args], env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        result = json.loads(Path(tmp, "rss.json").read_text())
+    if result["code"]:
+        raise subprocess.CalledProcessError(result["code"], args)
+    return result["rss_mb"]
 
 
 def bench_training(steps=80):
@@ -607,16 +618,6 @@ t1 = time.perf_counter()
 ids = dataset.encode_parts([(source, 0, source.chars)], load_tokenizer(tokenizer), cache, int(workers))
 json.dump({"scan_s": t1 - t0, "encode_s": time.perf_counter() - t1, "tokens": len(ids)}, open(out, "w"))
 """
-# Linux carries the RSS of a forked copy of a large parent into its exec'd child's ru_maxrss, so a small
-# launcher starts each measured command: what os.wait4 then reports is the command's own peak, and
-# RUSAGE_CHILDREN after it the largest of the command's own children (the tokenizing workers).
-PEAK_RSS_LAUNCHER = """import json, os, resource, subprocess, sys
-proc = subprocess.Popen(sys.argv[2:])
-_, status, usage = os.wait4(proc.pid, 0)
-json.dump({"code": os.waitstatus_to_exitcode(status), "rss_mb": usage.ru_maxrss / 1024}, open(sys.argv[1], "w"))
-"""
-
-
 def bench_data(size_mb=None, seed=0):
     """Streaming tokenization: MB/s with 1 and 2 workers, peak RSS per process, cache-ready to first step.
 
