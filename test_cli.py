@@ -2,6 +2,7 @@
 import io
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -90,6 +91,9 @@ def test_ctrl_c_stops_the_answer_not_the_program(run):
 
     pid, fd = pty.fork()  # the child gets a terminal: Ctrl-C (byte 3) becomes SIGINT, Ctrl-D (byte 4) EOF
     if pid == 0:
+        # As in a person's terminal, SIGINT starts at its default; a runner started in the background
+        # (`cmd &` in a script) ignores it, every child would inherit that, and Ctrl-C would do nothing.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execv(sys.executable, chat_command(run, "--max-new-tokens", "1000000", "--stop", ""))
     term, status = Terminal(fd), None
     try:
