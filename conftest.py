@@ -1,11 +1,9 @@
 """Shared test fixtures: the corpora in ../shared/data, skipped when absent."""
 import faulthandler
+import sys
 from pathlib import Path
 
 import pytest
-import torch
-
-torch.set_num_threads(1)  # tiny models: a second thread costs more in contention than it gains
 
 ROOT = Path(__file__).resolve().parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -13,7 +11,13 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 @pytest.hookimpl(trylast=True)  # after pytest's own tmp_path plugin has set up its factory
 def pytest_configure(config):
-    """Hypothesis keeps its example database under pytest's temporary directory, not in the checkout."""
+    """One thread for torch; Hypothesis keeps its example database under pytest's temporary directory."""
+    try:
+        import torch
+    except ModuleNotFoundError:  # pytest from another Python than the project's environment
+        pytest.exit(f"torch is not installed for {sys.executable}: set up the environment with the README's two "
+                    f"commands, then run .venv/bin/python -m pytest", returncode=2)
+    torch.set_num_threads(1)  # tiny models: a second thread costs more in contention than it gains
     from hypothesis import settings
     from hypothesis.configuration import set_hypothesis_home_dir
     from hypothesis.database import DirectoryBasedExampleDatabase
