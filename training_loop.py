@@ -105,12 +105,12 @@ def estimate_loss(model, batches, device_type="cpu", dtype="float32"):
     return total / len(batches)
 
 
-def loss_terms(model, loss):
-    """What one micro-batch logs: {"train_loss": loss}, or, for a model whose training loss adds more to
+def loss_terms(model, loss_value):
+    """What one micro-batch logs: {"train_loss": loss_value}, or, for a model whose training loss adds more to
     the cross-entropy (MoE), the terms it kept apart in `loss_terms` (train_loss then the cross-entropy)."""
     inner = getattr(model, "module", model)  # DistributedDataParallel wraps the model as .module
-    terms = getattr(inner, "loss_terms", None) or {"train_loss": loss}  # torch.compile's wrapper passes it on
-    return {name: value.item() for name, value in terms.items()}
+    terms = getattr(inner, "loss_terms", None)  # torch.compile's wrapper passes it on
+    return {name: value.item() for name, value in terms.items()} if terms else {"train_loss": loss_value}
 
 
 class TrainingDiverged(RuntimeError):
@@ -214,8 +214,9 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
                     with autocast_for(device_type, cfg.dtype):
                         _, loss = model(x, y)
                     scaler.scale(loss / cfg.grad_accum).backward()  # the mean over N·B sequences
-                loss_sum += loss.item()
-                for name, value in loss_terms(model, loss).items():
+                loss_item = loss.item()
+                loss_sum += loss_item
+                for name, value in loss_terms(model, loss_item).items():
                     logged[name] = logged.get(name, 0.0) + value / cfg.grad_accum
             loss_value = loss_sum / cfg.grad_accum
             if not math.isfinite(loss_value):
