@@ -14,17 +14,10 @@ default. The resolved configuration is printed and saved in the run directory.
 import argparse
 import dataclasses
 import hashlib
-import inspect
-import json
 import os
-import random
-import re
 import sys
-import types
-import typing
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import checkpoint as ckpt
@@ -33,44 +26,13 @@ from bpe_tokenizer import TOKENIZER_FILES, load_tokenizer, train_tokenizer
 from dataset import (CACHE_DIR, DEFAULT_CORPUS, as_tensor, default_workers, encode_parts, epoch_batches, get_batch,
                      parts_text, recorded_sources, resolve_paths, sample_text, scan_source, split_bounds,
                      split_parts)
-from training_loop import (LoopState, TrainConfig, TrainingDiverged, make_optimizer, plot_losses,
-                           read_metrics, train_loop)
+from training_loop import (LoopState, TrainConfig, TrainingDiverged, add_dataclass_flags, flag, make_optimizer,
+                           pick_dtype, restore, saver, seed_everything, train_loop)
 from transformer import PRESETS, ModelConfig, Transformer
 
 # A bigram table learns from zero, one logit at a time: it wants a larger step and no decay.
 BIGRAM_DEFAULTS = {"lr": 1e-2, "min_lr": 1e-3, "weight_decay": 0.0}
 RUN_FLAGS = ("model", "preset", "data", "tokenizer", "vocab_size", "seed", "sampler")  # fixed for a run's life
-
-
-def flag(name):
-    return "--" + name.replace("_", "-")
-
-
-def field_comments(cls):
-    """The trailing comment of each field in a dataclass's source: `n_layer: int = 4  # blocks`."""
-    found = re.findall(r"^\s+(\w+): [^=#]+=[^#]*#\s*(.+)$", inspect.getsource(cls), flags=re.M)
-    return dict(found)
-
-
-def add_dataclass_flags(group, cls, defaults, suppress, skip=(), presets=None):
-    """One flag per field of `cls` (but `skip`); its help is the field's comment.
-
-    With `presets` (name -> instance), the help lists each preset's value instead of one default.
-    """
-    hints, comments = typing.get_type_hints(cls), field_comments(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        kind = hints[f.name]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X] -> X
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        default = argparse.SUPPRESS if suppress else defaults.get(f.name, f.default)
-        shown = ", ".join(f"{n}: {getattr(v, f.name)}" for n, v in presets.items()) if presets else "%(default)s"
-        help_text = comments.get(f.name, f.name.replace("_", " ")).replace("%", "%%") + f" (default: {shown})"
-        if kind is bool:
-            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            group.add_argument(flag(f.name), type=kind, default=default, help=help_text)
 
 
 def build_parser(suppress=False):
@@ -110,40 +72,6 @@ def build_parser(suppress=False):
     add_dataclass_flags(p.add_argument_group("model (default: the chosen preset's value)"), ModelConfig,
                         model_defaults, suppress, skip=("vocab_size",), presets=PRESETS)  # tokenizer sets vocab
     return p
-
-
-def pick_dtype(dtype, device):
-    """The requested precision, or float32 with a note where the device lacks it."""
-    if dtype == "float16" and device == "cpu":
-        print("note: float16 autocast needs a GPU; training in float32")
-        return "float32"
-    if dtype == "bfloat16" and device == "cuda" and not torch.cuda.is_bf16_supported():
-        print("note: this GPU has no bfloat16; training in float32")
-        return "float32"
-    return dtype
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state():
-    """The global random number generators' states (dropout draws from torch's), as plain
-    lists and tensors so that `torch.load(weights_only=True)` can read them back."""
-    version, internal, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(internal), gauss], "numpy": [keys.tolist(), pos, has_gauss, cached],
-            "torch": torch.get_rng_state()}
-
-
-def set_rng_state(saved):
-    version, internal, gauss = saved["python"]
-    random.setstate((version, tuple(internal), gauss))
-    keys, pos, has_gauss, cached = saved["numpy"]
-    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(saved["torch"])
 
 
 def tokenizer_text(kind, train_parts):
@@ -275,51 +203,6 @@ def batch_stream(args, ids, block_size, batch_size, rank, world, start, device):
         generator.manual_seed(hash((args["seed"], rank, next(counter))))
         return get_batch(ids, block_size, batch_size, generator, device)
     return next_batch
-
-
-def restore(run_dir, model, optimizer, is_main):
-    """Load checkpoint_latest.pt into model and optimizer; drop metrics rows from after it and the
-    temporary files of writes that a kill cut short. A run stopped before its first checkpoint
-    starts again at step 0."""
-    state = LoopState()
-    if (run_dir / ckpt.STATE).exists():
-        saved = ckpt.load_training_state(run_dir)
-        ckpt.check_state_dict(saved["model"], model, run_dir / ckpt.STATE)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        set_rng_state(saved["rng"])
-        state = LoopState(**saved["loop"])
-    elif is_main:
-        print(f"{run_dir} has no {ckpt.STATE} yet (it stopped before its first checkpoint): starting at step 0")
-    if is_main:
-        for tmp in run_dir.glob(".*.tmp"):  # dataset.atomic_write's names
-            tmp.unlink()
-        if (run_dir / ckpt.METRICS).exists():
-            kept = [json.dumps(r) + "\n" for r in read_metrics(run_dir / ckpt.METRICS) if r["step"] <= state.step]
-            ckpt.atomic_write_bytes(run_dir / ckpt.METRICS, "".join(kept).encode())
-    return state
-
-
-def saver(run_dir, model, optimizer):
-    """save(state, best_val) for the loop: latest weights, best weights, training state, plot."""
-    plot_note = ["note: pip install matplotlib to get loss.png"]  # said once
-
-    def save(state, best_val):
-        tensors = {**model.state_dict(), **{f"optimizer.{i}.{k}": v for i, slots in
-                                            optimizer.state_dict()["state"].items() for k, v in slots.items()}}
-        bad = next((name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()), None)
-        if bad is not None:  # the loop stops before this happens; this guard keeps any path from saving it
-            raise TrainingDiverged(f"{bad} holds NaN or inf at step {state.step}: nothing was saved, the last "
-                                   f"good checkpoint is kept; try a lower --lr")
-        ckpt.save_weights(model, run_dir / ckpt.WEIGHTS)
-        if best_val is not None:
-            ckpt.save_weights(model, run_dir / ckpt.BEST_WEIGHTS)
-        ckpt.save_training_state(run_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                           "loop": dataclasses.asdict(state), "rng": rng_state()})
-        if not plot_losses({run_dir.name: read_metrics(run_dir / ckpt.METRICS)}, run_dir / "loss.png") \
-                and plot_note:
-            print(plot_note.pop())
-    return save
 
 
 def run(argv=None):

@@ -5,22 +5,33 @@ The model only has to answer `logits, loss = model(x, y)`; the loop owns the
 rest: AdamW with weight decay on matrices only, linear warm-up then cosine
 decay (over steps, or over wall-clock time with `max_time`), gradient
 accumulation, mixed precision, a NaN guard, periodic evaluation, early
-stopping, `metrics.jsonl`, a tqdm bar and a loss plot.
+stopping, `metrics.jsonl`, a tqdm bar and a loss plot. Its run-directory
+half, `saver` and `restore`, writes and reads back the checkpoints, so that
+train.py and finetune.py save and resume alike.
 
 New since stage 7: the optimizer and schedule (14), evaluation during
 training (8), precision and accumulation (21), distributed-aware logging (22).
 Run the demo: `python training_loop.py` (a bigram model on a toy text).
 """
+import argparse
 import contextlib
+import dataclasses
+import inspect
 import json
 import math
+import random
+import re
 import time
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+import checkpoint as ckpt
 from dataset import atomic_write
 
 
@@ -56,6 +67,37 @@ class TrainConfig:
             raise ValueError(f"--dtype {self.dtype!r} is not one of float32, bfloat16, float16")
 
 
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def field_comments(cls):
+    """The trailing comment of each field in a dataclass's source: `n_layer: int = 4  # blocks`."""
+    found = re.findall(r"^\s+(\w+): [^=#]+=[^#]*#\s*(.+)$", inspect.getsource(cls), flags=re.M)
+    return dict(found)
+
+
+def add_dataclass_flags(group, cls, defaults, suppress, skip=(), presets=None):
+    """One flag per field of `cls` (but `skip`); its help is the field's comment.
+
+    With `presets` (name -> instance), the help lists each preset's value instead of one default.
+    """
+    hints, comments = typing.get_type_hints(cls), field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X] -> X
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        default = argparse.SUPPRESS if suppress else defaults.get(f.name, f.default)
+        shown = ", ".join(f"{n}: {getattr(v, f.name)}" for n, v in presets.items()) if presets else "%(default)s"
+        help_text = comments.get(f.name, f.name.replace("_", " ")).replace("%", "%%") + f" (default: {shown})"
+        if kind is bool:
+            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            group.add_argument(flag(f.name), type=kind, default=default, help=help_text)
+
+
 def lr_at(step, progress, cfg):
     """Learning rate: linear warm-up over `warmup_steps`, then cosine from lr to min_lr.
 
@@ -89,6 +131,40 @@ def autocast_for(device_type, dtype):
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
+
+
+def pick_dtype(dtype, device):
+    """The requested precision, or float32 with a note where the device lacks it."""
+    if dtype == "float16" and device == "cpu":
+        print("note: float16 autocast needs a GPU; training in float32")
+        return "float32"
+    if dtype == "bfloat16" and device == "cuda" and not torch.cuda.is_bf16_supported():
+        print("note: this GPU has no bfloat16; training in float32")
+        return "float32"
+    return dtype
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """The global random number generators' states (dropout draws from torch's), as plain
+    lists and tensors so that `torch.load(weights_only=True)` can read them back."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss], "numpy": [keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(saved):
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(saved["torch"])
 
 
 @torch.no_grad()
@@ -282,6 +358,55 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
     finally:
         bar.close()
     return state
+
+
+def restore(run_dir, model, optimizer, is_main):
+    """Load checkpoint_latest.pt into model and optimizer; drop metrics rows from after it and the
+    temporary files of writes that a kill cut short. A run stopped before its first checkpoint
+    starts again at step 0."""
+    state = LoopState()
+    if (run_dir / ckpt.STATE).exists():
+        saved = ckpt.load_training_state(run_dir)
+        ckpt.check_state_dict(saved["model"], model, run_dir / ckpt.STATE)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        set_rng_state(saved["rng"])
+        state = LoopState(**saved["loop"])
+    elif is_main:
+        print(f"{run_dir} has no {ckpt.STATE} yet (it stopped before its first checkpoint): starting at step 0")
+    if is_main:
+        for tmp in run_dir.glob(".*.tmp"):  # dataset.atomic_write's names
+            tmp.unlink()
+        if (run_dir / ckpt.METRICS).exists():
+            kept = [json.dumps(r) + "\n" for r in read_metrics(run_dir / ckpt.METRICS) if r["step"] <= state.step]
+            ckpt.atomic_write_bytes(run_dir / ckpt.METRICS, "".join(kept).encode())
+    return state
+
+
+def saver(run_dir, model, optimizer, weights_of=None):
+    """save(state, best_val) for the loop: latest weights, best weights, training state, plot.
+
+    weights_of(model), when given, is the module whose weights go to the .safetensors files (a LoRA run
+    saves its adapters merged); the training state always holds `model` itself, to resume it."""
+    plot_note = ["note: pip install matplotlib to get loss.png"]  # said once
+
+    def save(state, best_val):
+        tensors = {**model.state_dict(), **{f"optimizer.{i}.{k}": v for i, slots in
+                                            optimizer.state_dict()["state"].items() for k, v in slots.items()}}
+        bad = next((name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()), None)
+        if bad is not None:  # the loop stops before this happens; this guard keeps any path from saving it
+            raise TrainingDiverged(f"{bad} holds NaN or inf at step {state.step}: nothing was saved, the last "
+                                   f"good checkpoint is kept; try a lower --lr")
+        weights = weights_of(model) if weights_of else model
+        ckpt.save_weights(weights, run_dir / ckpt.WEIGHTS)
+        if best_val is not None:
+            ckpt.save_weights(weights, run_dir / ckpt.BEST_WEIGHTS)
+        ckpt.save_training_state(run_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                           "loop": dataclasses.asdict(state), "rng": rng_state()})
+        if not plot_losses({run_dir.name: read_metrics(run_dir / ckpt.METRICS)}, run_dir / "loss.png") \
+                and plot_note:
+            print(plot_note.pop())
+    return save
 
 
 def _demo():
