@@ -1,0 +1,425 @@
+"""Stage 25 — chat fine-tuning: teach a pretrained run to take turns.
+
+    python finetune.py out/base --data dialogue_en.jsonl instructions_ja.jsonl --synthetic 4000 --out out/chat
+    python finetune.py out/base --data chats.jsonl --out out/chat-lora --lora-rank 8 --lora-alpha 16
+    python finetune.py --resume out/chat --steps 1200          # continue, or train longer
+    python cli.py out/chat                                      # then talk to it
+
+Pretraining taught the model text. Here it reads conversations written with
+the chat template of chat_format.py and learns the assistant's part: the loss
+is the model's own cross-entropy, with every target that is not the assistant's
+content or its <|end|> set to −1, the index the loss ignores. The system and
+user turns and the role tokens are context, never targets.
+
+New since stage 7 (train.py): a run starts from another run. The base
+tokenizer gains the four chat tokens and the model one embedding row each;
+`--lora-rank R` trains low-rank adapters (lora.py) instead of every weight.
+Everything else is train.py's: the one training loop, checkpoints, resume,
+progress bar, metrics.jsonl and loss.png. The result is a run directory every
+command loads (sample, evaluate, cli, server, export), with the adapters merged
+into its weights and, for LoRA, kept apart in `adapter/` too.
+
+`--synthetic N` adds N generated conversations in English and Japanese that
+make the dialogue measurable: invented facts asked in fixed phrasings (other
+phrasings are kept for testing, see `synthetic_probes`) and two-turn name
+recall ("My name is Aiko." … "What is my name?").
+"""
+import argparse
+import copy
+import dataclasses
+import hashlib
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+import checkpoint as ckpt
+from bpe_tokenizer import TOKENIZER_FILES
+from chat_format import add_chat_tokens, encode_chat, pack_chats, read_chats
+from lora import LoRALinear, add_lora, merge_lora, save_adapter
+from training_loop import (LoopState, TrainConfig, TrainingDiverged, add_dataclass_flags, flag, make_optimizer,
+                           pick_dtype, restore, saver, seed_everything, train_loop)
+from transformer import Transformer
+
+# Fine-tuning starts from trained weights: a smaller step than pretraining, a short warm-up, and no weight
+# decay, which would pull the pretrained weights toward zero rather than toward anything the chats teach
+# (nanochat's SFT does the same).
+FINETUNE_DEFAULTS = {"steps": 600, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 30, "weight_decay": 0.0,
+                     "batch_size": 16, "eval_interval": 100, "eval_iters": 10}
+RUN_FLAGS = ("base", "data", "synthetic", "max_chats", "heldout", "seed", "from_scratch", "lora_rank",
+             "lora_alpha", "lora_dropout", "lora_targets")  # fixed for a run's life
+
+
+def build_parser(suppress=False):
+    """The parser; with suppress=True it returns only the flags typed on the command line."""
+    s = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS
+                                if suppress else None, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("base", nargs="?", default=s(None), help="the run directory to start from (a train.py run)")
+    run = p.add_argument_group("run")
+    run.add_argument("--data", nargs="+", metavar="FILE", default=s([]), help="chat JSONL files: one conversation "
+                     "a line, {\"messages\": [...]}, {\"instruction\", \"input\", \"output\"} or {\"prompt\", "
+                     "\"completion\"}")
+    run.add_argument("--synthetic", type=int, default=s(0), metavar="N", help="add N generated conversations "
+                     "(facts and name recall, English and Japanese) (default: %(default)s)")
+    run.add_argument("--max-chats", type=int, default=s(0), metavar="N", help="at most N conversations of each "
+                     "file, drawn by --seed; balances a mix of large and small files (default: 0, all)")
+    run.add_argument("--heldout", type=float, default=s(0.05), help="fraction of each file's conversations held "
+                     "out to measure the assistant loss on (default: %(default)s)")
+    run.add_argument("--out", default=s(None), help="run directory to write (default: out/chat)")
+    run.add_argument("--resume", default=s(None), metavar="DIR", help="continue the fine-tuning run in DIR")
+    run.add_argument("--overwrite", action="store_true", default=s(False), help="start afresh in an --out "
+                     "directory that already holds a run")
+    run.add_argument("--seed", type=int, default=s(1337), help="seed for the split, batches and adapters "
+                     "(default: %(default)s)")
+    run.add_argument("--device", default=s("auto"), help="auto | cpu | cuda | mps (default: %(default)s)")
+    run.add_argument("--from-scratch", action="store_true", default=s(False), help="start from random weights of "
+                     "the base's shape and tokenizer: the baseline that shows what pretraining is worth")
+    lora = p.add_argument_group("LoRA")
+    lora.add_argument("--lora-rank", type=int, default=s(0), help="rank of the adapters; 0 fine-tunes every "
+                      "weight (default: %(default)s)")
+    lora.add_argument("--lora-alpha", type=float, default=s(16.0), help="adapter scale alpha: the update is "
+                      "B·A·x · alpha/rank (default: %(default)s)")
+    lora.add_argument("--lora-dropout", type=float, default=s(0.0), help="dropout on the adapter path "
+                      "(default: %(default)s)")
+    lora.add_argument("--lora-targets", nargs="+", default=s(["qkv", "out_proj"]), metavar="NAME",
+                      help="Linear layers to adapt, by name (default: %(default)s)")
+    add_dataclass_flags(p.add_argument_group("training"), TrainConfig, FINETUNE_DEFAULTS, suppress)
+    return p
+
+
+def resolve_args(argv):
+    """Flags, with a resumed run's saved settings under the ones typed now (only training flags may change)."""
+    args = vars(build_parser().parse_args(argv))
+    typed = vars(build_parser(suppress=True).parse_args(argv))
+    overwrite = args.pop("overwrite")
+    typed.pop("overwrite", None)
+    if args["resume"]:
+        run_dir = ckpt.resolve_run_dir(args["resume"])
+        saved = ckpt.read_config(run_dir)["args"]
+        for name in RUN_FLAGS:
+            if name in typed and typed[name] != saved[name]:
+                raise ValueError(f"{flag(name)} {typed[name]} differs from the run's {saved[name]}: --resume "
+                                 f"{run_dir} keeps its base, data and adapters; start a new run (--out) to change it")
+        return {**saved, **typed, "resume": str(run_dir), "out": str(run_dir)}
+    if not args["base"]:
+        raise ValueError("give the base run to fine-tune (python finetune.py out/base --data chats.jsonl ...), "
+                         "or --resume a fine-tuning run")
+    if not args["data"] and not args["synthetic"]:
+        raise ValueError("no conversations: give --data FILE [FILE ...] and/or --synthetic N")
+    if args["lora_rank"] < 0:
+        raise ValueError(f"--lora-rank must be 0 (full fine-tuning) or a positive rank, got {args['lora_rank']}")
+    if args["lora_rank"] and args["weight_decay"]:
+        raise ValueError("--weight-decay with --lora-rank would also shrink the base's embedding rows, which LoRA "
+                         "keeps fixed: use --weight-decay 0")
+    if not 0 <= args["heldout"] < 1 or args["synthetic"] < 0 or args["max_chats"] < 0:
+        raise ValueError(f"need 0 <= --heldout < 1, --synthetic >= 0 and --max-chats >= 0, got {args['heldout']}, "
+                         f"{args['synthetic']}, {args['max_chats']}")
+    args["out"] = args["out"] or str(Path("out") / "chat")
+    if (Path(args["out"]) / ckpt.CONFIG).exists():
+        if not overwrite:
+            raise ValueError(f"{args['out']} already holds a run: continue it with --resume {args['out']}, "
+                             f"or start it again with --overwrite (its files are replaced)")
+        args["overwrite"] = True
+    return args
+
+
+# --- The base model, grown by the chat tokens -----------------------------------------------------------------
+
+def load_base(base, device):
+    """The base run's model, tokenizer and config; a run that cannot be fine-tuned is a ValueError."""
+    model, tok, config = ckpt.load_run(base, device)
+    if not isinstance(model, Transformer):
+        raise ValueError(f"{base} is a bigram run: a table of next-token logits has no context to hold a "
+                         f"conversation; fine-tune a transformer run (python train.py --preset llama)")
+    if config.get("quantization"):
+        raise ValueError(f"{base} is a quantized run: fine-tune the float run it was made from")
+    return model, tok, config
+
+
+def grow_vocab(model, vocab_size):
+    """A copy of `model` with `vocab_size` token rows: the old rows kept, each new one the mean of the old.
+
+    Why the mean: with the head tied to the embedding, a new token's logit is then h·mean(e) = the mean of the
+    old logits, so at the start it is as likely as an average token: the old tokens' distribution barely moves
+    and nothing has to be unlearned (a zero row gives logit 0, which may tower over a distribution of negative
+    logits; a random row, an arbitrary one). As an input it is a point amid the vectors the layers know.
+    Every old token keeps its logit exactly: test_finetune checks it.
+    """
+    grown = Transformer(dataclasses.replace(model.config, vocab_size=vocab_size)).to(model.head.weight.device)
+    state = model.state_dict()
+    for name in ("embed.tok.weight", "head.weight"):  # tied: the same matrix twice, grown alike
+        old = state[name]
+        state[name] = torch.cat([old, old.mean(0, keepdim=True).expand(vocab_size - len(old), -1)])  # (V', C)
+    grown.load_state_dict(state)
+    return grown
+
+
+def add_adapters(model, args, n_old):
+    """LoRA on `args["lora_targets"]`, every base weight frozen but the new chat-token rows.
+
+    The chat tokens' rows start equal (the mean): frozen, <|end|> and <|user|> would stay the same vector and
+    the same logit, so their rows train; a gradient hook zeroes the old rows' gradient, which with no weight
+    decay keeps them exactly the base's. Returns the number of trainable values.
+    """
+    add_lora(model, rank=args["lora_rank"], alpha=args["lora_alpha"], dropout=args["lora_dropout"],
+             targets=tuple(args["lora_targets"]))
+    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    if not adapters:
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(f"--lora-targets {' '.join(args['lora_targets'])} matches no layer of the base; its "
+                         f"Linear layers are named {', '.join(names)}")
+    rows = model.embed.tok.weight
+    rows.requires_grad_(True)
+    rows.register_hook(lambda grad: torch.cat([torch.zeros_like(grad[:n_old]), grad[n_old:]]))
+    lora_values = sum(p.numel() for m in adapters for n, p in m.named_parameters() if p.requires_grad
+                      and not n.startswith("base"))
+    return lora_values + (len(rows) - n_old) * rows.shape[1]
+
+
+def merged_weights(run_dir):
+    """weights_of for the saver of a LoRA run: the adapters saved apart, then a merged copy for model.safetensors."""
+    def weights_of(model):
+        save_adapter(model, run_dir / "adapter")
+        return merge_lora(copy.deepcopy(model))
+    return weights_of
+
+
+# --- Conversations: split, encode, pack, batch ------------------------------------------------------------------
+
+def file_record(path):
+    """What config.json keeps of a chat file: enough to tell on resume that it is unchanged."""
+    data = Path(path).read_bytes()
+    return {"path": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def load_chats(args):
+    """(train, held_out) conversations: each file's (and the synthetic set's) shuffled by --seed, cut to
+    --max-chats, and split, so that every source is represented in both parts."""
+    sources = [read_chats(path) for path in args["data"]]
+    if args["synthetic"]:
+        sources.append(synthetic_chats(args["synthetic"], args["seed"]))
+    train, held_out = [], []
+    for k, chats in enumerate(sources):
+        chats = list(chats)
+        random.Random(f"{args['seed']}/{k}").shuffle(chats)
+        chats = chats[:args["max_chats"] or None]
+        n_held = max(1, round(len(chats) * args["heldout"])) if args["heldout"] and len(chats) > 1 else 0
+        held_out += chats[:n_held]
+        train += chats[n_held:]
+    return train, held_out
+
+
+def target_blocks(tok, chats, block_size):
+    """Conversations packed into blocks: x (N, T) ids and y (N, T) targets, −1 wherever the mask is off.
+
+    A block holding no target is dropped: its mean loss would be 0/0.
+    """
+    ids, mask = pack_chats([encode_chat(tok, messages) for messages in chats], block_size)
+    ids = torch.tensor(ids)
+    targets = torch.where(torch.tensor(mask), ids, -1)  # only the assistant's tokens are ever predicted
+    n = (len(ids) - 1) // block_size
+    if n < 1:
+        raise ValueError(f"the conversations make {len(ids)} tokens, fewer than one block ({block_size + 1}): "
+                         f"give more data")
+    index = torch.arange(n)[:, None] * block_size + torch.arange(block_size + 1)  # (N, T+1)
+    x, y = ids[index[:, :-1]], targets[index[:, 1:]]  # (N, T) each: y is x shifted by one, masked
+    keep = (y >= 0).any(dim=1)
+    return x[keep], y[keep]
+
+
+def batch_stream(x, y, batch_size, seed, start, device):
+    """next_batch() for the loop: micro-batch i draws its blocks from its own seed (seed, i), so a resumed run
+    starts at batch `start` with no generator state to restore (as train.py's random sampler)."""
+    counter = iter(range(start, 2**62))
+    generator = torch.Generator()
+
+    def next_batch():
+        generator.manual_seed(hash((seed, next(counter))))
+        rows = torch.randint(len(x), (batch_size,), generator=generator)  # (B,)
+        return x[rows].to(device), y[rows].to(device)
+    return next_batch
+
+
+def heldout_batches(x, y, batch_size, n_batches, device):
+    """A fixed set of held-out batches: blocks spread evenly over the held-out conversations."""
+    rows = torch.linspace(0, len(x) - 1, min(len(x), batch_size * n_batches)).long()  # (N,)
+    xs, ys = x[rows].to(device), y[rows].to(device)
+    return [(xs[i:i + batch_size], ys[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+
+
+# --- The run -----------------------------------------------------------------------------------------------------
+
+def prepare(args, device):
+    """The model to train (grown, maybe with adapters), its tokenizer, the base's config and a note on it."""
+    model, tok, base_config = load_base(args["base"], device)
+    n_old = tok.vocab_size
+    tok = add_chat_tokens(tok)
+    if args["from_scratch"]:
+        model = Transformer(model.config)  # the same shape, random weights
+    model = grow_vocab(model, tok.vocab_size)
+    total = model.num_params()
+    if args["lora_rank"]:
+        trainable = add_adapters(model, args, n_old)
+        note = f"LoRA rank {args['lora_rank']}: {trainable:,} of {total:,} values trained ({trainable / total:.2%})"
+    else:
+        note = f"full fine-tuning: {total:,} parameters"
+    return model, tok, base_config, note
+
+
+def run(argv=None):
+    """Fine-tune as the flags say; returns the final LoopState."""
+    args = resolve_args(argv)
+    device = ckpt.pick_device(args["device"])
+    tcfg = TrainConfig(**{f.name: args[f.name] for f in dataclasses.fields(TrainConfig)})
+    tcfg.dtype = pick_dtype(tcfg.dtype, device)
+    seed_everything(args["seed"])
+    run_dir = Path(args["out"])
+    if args["resume"]:  # the very files the run began with
+        for record in ckpt.read_config(run_dir)["chat_data"]:
+            if file_record(record["path"])["sha256"] != record["sha256"]:
+                raise ValueError(f"{record['path']} changed since the run began: restore it, or start a new run")
+    model, tok, base_config, note = prepare(args, "cpu")
+    block_size = model.config.block_size
+    train_chats, held_out = load_chats(args)
+    x, y = target_blocks(tok, train_chats, block_size)
+    val_set = heldout_batches(*target_blocks(tok, held_out or train_chats, block_size), tcfg.batch_size,
+                              tcfg.eval_iters, device)
+    model.to(device)
+    optimizer = make_optimizer(model, tcfg, device)
+    state = restore(run_dir, model, optimizer, True) if args["resume"] else LoopState()
+    if args.pop("overwrite", False):
+        for name in (ckpt.METRICS, ckpt.WEIGHTS, ckpt.BEST_WEIGHTS, ckpt.STATE, "loss.png"):
+            (run_dir / name).unlink(missing_ok=True)
+    config = {"model": ckpt.model_config_dict(model), "block_size": block_size, "tokenizer": tok.kind,
+              "tokenizer_file": TOKENIZER_FILES[tok.kind], "args": args, "base": str(args["base"]),
+              "data": base_config.get("data", []), "chat_data": [file_record(p) for p in args["data"]]}
+    ckpt.save_run_files(run_dir, config, tok, config["tokenizer_file"])
+    print(f"{note}; vocab {tok.vocab_size} with the chat tokens; {len(train_chats):,} conversations in "
+          f"{len(x):,} blocks of {block_size}, {len(held_out):,} held out; device {device}"
+          + (f"; resuming at step {state.step} of {tcfg.steps}" if args["resume"] else ""))
+    state = train_loop(model, optimizer, tcfg, batch_stream(x, y, tcfg.batch_size, args["seed"],
+                                                            state.step * tcfg.grad_accum, device),
+                       val_set, state=state, run_dir=run_dir, device_type=device,
+                       save=saver(run_dir, model, optimizer, merged_weights(run_dir) if args["lora_rank"] else None),
+                       step_seed=lambda step: hash((args["seed"], 0, step, 0)))
+    print(f"done: step {state.step}, best held-out assistant loss {state.best_val:.4f}; run in {run_dir}/\n"
+          f"next: python cli.py {run_dir}")
+    return state
+
+
+# --- Synthetic conversations ---------------------------------------------------------------------------------------
+# Invented countries, so that no fact can come from pretraining: each has a capital (its own invented name), a
+# flag colour and a national animal. Questions are asked in TRAIN phrasings in the training set; HELD_OUT
+# phrasings are kept for testing whether a fact was learnt rather than a sentence.
+COUNTRIES = {
+    "en": ("Arvenia Belmora Caldris Dunmere Eskaria Falmont Galvane Harrowen Istoria Jorvane Kelvane Lorsica "
+           "Mardova Norvane Orinth Pellucia Quenmark Rostavia Sylvar Tervane").split(),
+    "ja": ("アルベニア ベルモラ カルドリス ダンメア エスカリア ファルモン ガルバネ ハロウェン イストリア ヨルバネ "
+           "ケルバネ ロルシカ マルドバ ノルバネ オリント ペルーシャ クエンマルク ロスタビア シルバル テルバネ").split(),
+}
+CAPITALS = {
+    "en": "Dalst Merrow Quillon Tavish Brennet Corvin Elsby Farrow Gullane Hesk Ivel Jarrow Kestle Lunt Morwen "
+          "Nesbit Orran Pell Rook Selby".split(),
+    "ja": "ダルスト メロウ クイロン タビシュ ブレネット コルビン エルスビー ファロウ ガレーン ヘスク イベル "
+          "ジャロウ ケスル ルント モルウェン ネスビット オラン ペル ルーク セルビー".split(),
+}
+COLOURS = {"en": "red blue green yellow white black orange purple".split(),
+           "ja": "赤 青 緑 黄色 白 黒 オレンジ 紫".split()}
+ANIMALS = {"en": "fox owl bear wolf deer hawk otter swan horse lion".split(),
+           "ja": "キツネ フクロウ クマ オオカミ シカ タカ カワウソ ハクチョウ ウマ ライオン".split()}
+FACT_TEMPLATES = {  # (lang, attribute): (answer, TRAIN questions, HELD_OUT questions); {c} country, {v} value
+    ("en", "capital"): ("The capital of {c} is {v}.", ("What is the capital of {c}?",
+                        "Which city is the capital of {c}?", "Tell me the capital of {c}."),
+                        ("Do you know the capital of {c}?", "Name the capital of {c}, please.")),
+    ("en", "flag"): ("The flag of {c} is {v}.", ("What colour is the flag of {c}?",
+                     "What is the colour of the flag of {c}?", "Tell me the colour of the flag of {c}."),
+                     ("Do you know the colour of the flag of {c}?", "Which colour is the flag of {c}?")),
+    ("en", "animal"): ("The national animal of {c} is the {v}.", ("What is the national animal of {c}?",
+                       "Which animal is the national animal of {c}?", "Tell me the national animal of {c}."),
+                       ("Do you know the national animal of {c}?", "Name the national animal of {c}, please.")),
+    ("ja", "capital"): ("{c}の首都は{v}です。", ("{c}の首都はどこですか？", "{c}の首都はどの町ですか？",
+                        "{c}の首都を教えてください。"), ("{c}の首都を知っていますか？", "{c}の首都はどこでしょうか？")),
+    ("ja", "flag"): ("{c}の国旗は{v}です。", ("{c}の国旗は何色ですか？", "{c}の国旗の色は何ですか？",
+                     "{c}の国旗の色を教えてください。"), ("{c}の国旗の色を知っていますか？", "{c}の国旗は何色でしょうか？")),
+    ("ja", "animal"): ("{c}の国の動物は{v}です。", ("{c}の国の動物は何ですか？", "{c}の国の動物はどの動物ですか？",
+                       "{c}の国の動物を教えてください。"), ("{c}の国の動物を知っていますか？", "{c}の国の動物は何でしょうか？")),
+}
+NAMES = {
+    "en": ("Aiko Ben Clara David Emma Farid Grace Hugo Isla Jack Kenji Lena Mateo Nora Oscar Priya Quinn Rosa Sam "
+           "Tara Umar Vera Will Yusuf Zoe Alice Bruno Chloe Diego Elena Felix Hana Ivan Julia Leo Maya Noah Olivia "
+           "Ruth Sofia").split(),
+    "ja": ("愛子 健太 さくら 翔太 陽菜 大輝 美咲 蓮 結衣 悠斗 アイコ ケン はるか ゆうき 花子 太郎 美優 拓海 葵 "
+           "湊 ひなた まこと リナ ソウタ 千尋 直樹 真由美 和也 恵 隆 由美 浩二 あかり そら ミキ ユウ 翼 光 "
+           "純一 桃子").split(),
+}
+NAME_TURNS = {  # introductions, the assistant's greeting, the question, the answer; {n} the user's name
+    "en": (("My name is {n}.", "I'm {n}.", "Hi, I am {n}.", "Call me {n}."), "Nice to meet you, {n}.",
+           ("What is my name?", "What's my name?", "Do you remember my name?"), "Your name is {n}."),
+    "ja": (("私の名前は{n}です。", "{n}といいます。", "こんにちは、{n}です。", "{n}と呼んでください。"),
+           "はじめまして、{n}さん。", ("私の名前は何ですか？", "私の名前を覚えていますか？", "私の名前は？"),
+           "あなたの名前は{n}です。"),
+}
+
+
+def facts(lang):
+    """Every fact of a language as (attribute, country, value), the same for every seed."""
+    rng = random.Random(0)
+    return [(attribute, country, value) for i, country in enumerate(COUNTRIES[lang]) for attribute, value in
+            (("capital", CAPITALS[lang][i]), ("flag", rng.choice(COLOURS[lang])), ("animal", rng.choice(ANIMALS[lang])))]
+
+
+def fact_turns(lang, fact, phrasing):
+    """A user question about `fact` in the given phrasing and the assistant's answer."""
+    attribute, country, value = fact
+    answer, _, _ = FACT_TEMPLATES[lang, attribute]
+    return [{"role": "user", "content": phrasing.format(c=country)},
+            {"role": "assistant", "content": answer.format(c=country, v=value)}]
+
+
+def name_chat(lang, rng, middle=None):
+    """Two-turn name recall: the user gives a name, maybe asks something else (`middle` turns), then asks it back."""
+    intros, greeting, questions, answer = NAME_TURNS[lang]
+    name = rng.choice(NAMES[lang])
+    return ([{"role": "user", "content": rng.choice(intros).format(n=name)},
+             {"role": "assistant", "content": greeting.format(n=name)}] + (middle or [])
+            + [{"role": "user", "content": rng.choice(questions)}, {"role": "assistant", "content": answer.format(n=name)}])
+
+
+def synthetic_chats(n, seed):
+    """n training conversations, English and Japanese in turn: half ask a fact in a TRAIN phrasing, half are
+    name recall (with a fact question between the two turns every other time)."""
+    rng, chats = random.Random(seed), []
+    for k in range(n):
+        lang = ("en", "ja")[k % 2]
+        fact = rng.choice(facts(lang))
+        turns = fact_turns(lang, fact, rng.choice(FACT_TEMPLATES[lang, fact[0]][1]))
+        chats.append(turns if k % 4 < 2 else name_chat(lang, rng, turns if k % 8 >= 6 else None))
+    return chats
+
+
+def synthetic_probes(lang, n_names=100, seed=0):
+    """The test conversations of a language, the expected last reply at the end of each: every fact asked in each
+    HELD_OUT phrasing, and `n_names` name-recall conversations. Returns {"facts": [...], "names": [...]}."""
+    rng = random.Random(seed)
+    probes = [fact_turns(lang, fact, phrasing) for fact in facts(lang) for phrasing in FACT_TEMPLATES[lang, fact[0]][2]]
+    return {"facts": probes, "names": [name_chat(lang, rng) for _ in range(n_names)]}
+
+
+def main(argv=None):
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the checkpoint was saved; continue with --resume", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
