@@ -218,15 +218,12 @@ class BPETokenizer:
         """Text -> ids. Special tokens written in `text` become their ids only
         when allowed ("all", or a set of them); otherwise they are plain text,
         so a user typing "<|eos|>" can never end a model's turn."""
-        if allowed_special == "all":
-            allowed = self.special_tokens
-        elif allowed_special == "none":
-            allowed = {}
+        if allowed_special in ("all", "none"):
+            allowed = self.special_tokens if allowed_special == "all" else {}
         else:
             unknown = set(allowed_special) - set(self.special_tokens)
             if unknown:
-                raise ValueError(f"unknown special tokens {sorted(unknown)}: this tokenizer "
-                                 f"has {list(self.special_tokens)}")
+                raise ValueError(f"unknown special tokens {sorted(unknown)}: this tokenizer has {list(self.special_tokens)}")
             allowed = {s: self.special_tokens[s] for s in allowed_special}
         if not allowed:
             return self.encode_ordinary(text)
@@ -244,6 +241,10 @@ class BPETokenizer:
     def token_bytes(self, i):
         return self.vocab[i]
 
+    def with_special_tokens(self, tokens):
+        """A new tokenizer: this one plus `tokens`, each one new special id after the current vocabulary."""
+        return type(self)(self.merges, self.pattern, [*self.special_tokens, *tokens])
+
     def _readable_vocab(self):
         return [t.decode("utf-8", errors="backslashreplace") for t in self.vocab]
 
@@ -258,13 +259,11 @@ class BPETokenizer:
     def load(cls, path):
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         if data.get("kind") != cls.kind or data.get("version") != BPE_VERSION:
-            raise ValueError(f"{path} holds kind {data.get('kind')!r} version "
-                             f"{data.get('version')!r}; expected a bpe tokenizer, "
-                             f"version {BPE_VERSION}: retrain it with this code")
+            raise ValueError(f"{path} holds kind {data.get('kind')!r} version {data.get('version')!r}; expected "
+                             f"a bpe tokenizer, version {BPE_VERSION}: retrain it with this code")
         tok = cls(data["merges"], data["pattern"], data["special_tokens"])
         if "vocab" in data and data["vocab"] != tok._readable_vocab():
-            raise ValueError(f"{path}: the vocab does not match the merges "
-                             "(was the file edited?): retrain the tokenizer")
+            raise ValueError(f"{path}: the vocab does not match the merges (was the file edited?): retrain the tokenizer")
         return tok
 
 
@@ -284,6 +283,7 @@ class SentencePieceTokenizer:
         self.vocab_size = sp.get_piece_size()
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = (
             i if i >= 0 else None for i in (sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id()))
+        self.special_tokens = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i)}
         if (sp.piece_to_id(SPM_SPACE) == sp.unk_id()
                 or sp.encode("a", out_type=str)[0].startswith(SPM_SPACE)):
             raise ValueError("this sentencepiece model adds a space in front or has no "
@@ -300,8 +300,8 @@ class SentencePieceTokenizer:
         sp, piece = self.sp, self.sp.id_to_piece(i)
         if sp.is_byte(i):  # "<0xE3>" -> b"\xe3"
             return bytes([int(piece[3:5], 16)])
-        if sp.is_control(i):  # <s>, </s> print nothing
-            return b""
+        if sp.is_control(i):  # <s>, </s> print nothing; control pieces we added print their text
+            return b"" if i in (sp.bos_id(), sp.eos_id(), sp.pad_id()) else piece.encode("utf-8")
         if sp.is_unknown(i):
             return UNK_TEXT.encode("utf-8")
         return piece.replace(SPM_SPACE, " ").encode("utf-8")
@@ -341,11 +341,17 @@ class SentencePieceTokenizer:
             ids += (self._literal_space if k else []) + self.sp.encode(part)
         return ids
 
-    def decode(self, ids):
-        return b"".join(map(self.vocab.__getitem__, ids)).decode("utf-8", errors="replace")
+    decode, token_bytes = BPETokenizer.decode, BPETokenizer.token_bytes  # both read self.vocab
 
-    def token_bytes(self, i):
-        return self.vocab[i]
+    def with_special_tokens(self, tokens):
+        """A new tokenizer: this one plus `tokens` as CONTROL pieces, which sentencepiece never
+        produces from text. A .model file is a protobuf message, and protobuf appends a repeated
+        field's records in the order read, so records added at the end become the last pieces."""
+        def field(number, data):  # one length-delimited protobuf field: tag, length, bytes
+            assert len(data) < 128, "a longer length needs a multi-byte varint"
+            return bytes([number << 3 | 2, len(data)]) + data
+        pieces = [field(1, field(1, t.encode("utf-8")) + b"\x18\x03") for t in tokens]  # \x18\x03: type CONTROL
+        return type(self)(self.model_bytes + b"".join(pieces))
 
     def save(self, path):
         Path(path).write_bytes(self.model_bytes)
@@ -424,7 +430,7 @@ class HFTokenizer:
     def encode(self, text):
         return self.tk.encode(text).ids
 
-    decode, token_bytes = SentencePieceTokenizer.decode, SentencePieceTokenizer.token_bytes
+    decode, token_bytes = BPETokenizer.decode, BPETokenizer.token_bytes
 
     def save(self, path):
         data = {"kind": self.kind, "vocab_size": self.vocab_size, "special": self.special, "tokenizer": self.spec}
@@ -452,11 +458,9 @@ def load_tokenizer(path):
     sentencepiece .model, or a run directory containing one of them."""
     path = Path(path)
     if path.is_dir():
-        found = [path / name for name in dict.fromkeys(TOKENIZER_FILES.values())
-                 if (path / name).exists()]
+        found = [path / name for name in dict.fromkeys(TOKENIZER_FILES.values()) if (path / name).exists()]
         if not found:
-            raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}: "
-                                    "train one with train.py --tokenizer")
+            raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}: train one with train.py --tokenizer")
         path = found[0]
     if not path.exists():
         raise FileNotFoundError(f"tokenizer file {path} does not exist")
@@ -468,8 +472,7 @@ def load_tokenizer(path):
         kind = None
     classes = {"char": CharTokenizer, "bpe": BPETokenizer, "hf": HFTokenizer}
     if kind not in classes:
-        raise ValueError(f"{path} is neither a tokenizer.json of kind char/bpe/hf "
-                         "nor a sentencepiece .model file")
+        raise ValueError(f"{path} is neither a tokenizer.json of kind char/bpe/hf nor a sentencepiece .model file")
     return classes[kind].load(path)
 
 
@@ -488,10 +491,8 @@ def _demo():
         print(f"  decode: {tok.decode(ids)!r}  (exact: {tok.decode(ids) == sample})")
     stream = StreamDecoder(tok)
     ids = tok.encode("王様")
-    print(f"\nstreaming {ids} one id at a time: {[stream.push(i) for i in ids]}"
-          f" + flush {stream.flush()!r}")
-    print(f"special tokens: {tok.special_tokens}; "
-          f"'<|eos|>' as plain text -> {tok.encode('<|eos|>')}, "
+    print(f"\nstreaming {ids} one id at a time: {[stream.push(i) for i in ids]} + flush {stream.flush()!r}")
+    print(f"special tokens: {tok.special_tokens}; '<|eos|>' as plain text -> {tok.encode('<|eos|>')}, "
           f"allowed -> {tok.encode('<|eos|>', allowed_special='all')}")
 
 
