@@ -84,15 +84,16 @@ def encode_chat(tok, messages, add_generation_prompt=False):
 def check_conversation(messages):
     """Raise ValueError unless the roles run: an optional system turn first, then
     user and assistant alternating from user, with at least one assistant turn."""
-    for message in messages:
-        _check_role(message["role"])
-    start = 1 if messages and messages[0]["role"] == "system" else 0
-    for k, message in enumerate(messages[start:]):
+    roles = [m["role"] for m in messages]
+    for role in dict.fromkeys(roles):  # each distinct role once, in order
+        _check_role(role)
+    start = 1 if roles[:1] == ["system"] else 0
+    for k, role in enumerate(roles[start:]):
         expected = ("user", "assistant")[k % 2]
-        if message["role"] != expected:
-            raise ValueError(f"turn {start + k + 1} is {message['role']!r} where {expected!r} was expected: a system "
-                             "turn may only come first, then user and assistant take turns, starting with user")
-    if len(messages) < start + 2:
+        if role != expected:
+            raise ValueError(f"turn {start + k + 1} is {role!r} where {expected!r} was expected: a system turn "
+                             "may only come first, then user and assistant take turns, starting with user")
+    if len(roles) < start + 2:
         raise ValueError("no assistant turn: a conversation needs a reply to learn from")
 
 
@@ -112,12 +113,15 @@ def parse_chat(line):
     if not isinstance(row, dict):
         raise ValueError(f"a JSON {type(row).__name__}; {SHAPES}")
     if "messages" in row:
-        turns = row["messages"]
-        if not isinstance(turns, list) or not all(isinstance(m, dict) for m in turns):
+        messages = row["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise ValueError('"messages" is not a list of objects; expected [{"role": ..., "content": ...}, ...]')
-        if any(not {"role", "content"} <= m.keys() for m in turns):
+        if not all("role" in m and "content" in m for m in messages):
             raise ValueError('a message lacks "role" or "content"; expected {"role": ..., "content": ...}')
-        messages = [dict(zip(("role", "content"), _strings(m, ("role", "content")))) for m in turns]
+        for key in ("role", "content"):  # whole-list passes: the shared data holds 400,000 messages
+            wrong = [m[key] for m in messages if not isinstance(m[key], str)]
+            if wrong:
+                raise ValueError(f'"{key}" is a {type(wrong[0]).__name__}; expected a string')
     elif {"instruction", "output"} <= row.keys():  # Alpaca's shape; "input" may be empty or absent
         instruction, extra, output = _strings(row, ("instruction", "input", "output"))
         prompt = f"{instruction}\n\n{extra}" if extra else instruction  # the blank line sets the input apart
