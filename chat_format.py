@@ -164,14 +164,14 @@ def split_chat(ids, mask, block_size):
     and its chunks, which hold no target, are left out.
     """
     window = block_size + 1
-    n = max((i + 1 for i, m in enumerate(mask) if m), default=0)  # end of the last reply
+    n = len(mask) - mask[::-1].index(True) if True in mask else 0  # the end of the last reply
     # A turn starts where a reply ends (target -> context) and at a reply's role token (the
     # context token just before a target); an exchange ends where a reply ends.
     starts = [i for i in range(1, n) if (mask[i - 1] and not mask[i]) or (not mask[i] and mask[i + 1])]
     exchange_ends = [i for i in range(1, n + 1) if mask[i - 1] and (i == n or not mask[i])]
     spans, begin = [], 0  # (start, end) of each piece
     for end in exchange_ends:
-        if spans and spans[-1][1] == begin and end - spans[-1][0] <= window:
+        if spans and end - spans[-1][0] <= window:
             spans[-1] = (spans[-1][0], end)  # the exchange joins the piece before it
         elif end - begin <= window:
             spans.append((begin, end))
@@ -188,8 +188,8 @@ def pack_chats(encoded, block_size):
     (`split_chat`) one after another, no padding. Read it in windows of block_size + 1
     tokens, as train.py reads text; a window that ends in one conversation begins the
     next, which its role token tells apart. Every piece ends with a target, so a run of
-    context is shorter than a window and no window of the stream lacks a target (as long
-    as no reply is empty)."""
+    context is shorter than a window: no window lacks a target (when block_size >= 2 and
+    every reply has at least one token)."""
     ids, mask = [], []
     for conversation in encoded:
         for piece_ids, piece_mask in split_chat(*conversation, block_size):

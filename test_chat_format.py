@@ -6,7 +6,8 @@ import sentencepiece
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpe_tokenizer import TOKENIZER_FILES, BPETokenizer, SentencePieceTokenizer, StreamDecoder, load_tokenizer
+from bpe_tokenizer import (TOKENIZER_FILES, BPETokenizer, HFTokenizer, SentencePieceTokenizer, StreamDecoder,
+                           load_tokenizer)
 from char_tokenizer import CharTokenizer
 from chat_format import (CHAT_TOKENS, add_chat_tokens, chat_ids, encode_chat, pack_chats, read_chats,
                          render_chat, split_chat)
@@ -111,6 +112,16 @@ def test_save_load_keeps_the_chat_tokens(base, tok, tmp_path):
     old.mkdir()
     base.save(old / TOKENIZER_FILES[base.kind])
     assert chat_ids(load_tokenizer(old)) is None and load_tokenizer(old).vocab_size == base.vocab_size
+
+
+def test_a_hugging_face_tokenizer_has_no_chat_tokens():
+    pytest.importorskip("tokenizers")
+    spec = {"model": {"type": "WordLevel", "vocab": {"a": 0, "[UNK]": 1}, "unk_token": "[UNK]"},
+            "pre_tokenizer": {"type": "Whitespace"}}
+    hf = HFTokenizer(spec, 2, {"unk": 1})
+    assert chat_ids(hf) is None
+    with pytest.raises(ValueError, match="'hf' tokenizer cannot take chat tokens"):
+        add_chat_tokens(hf)
 
 
 def test_char_file_written_before_chat_tokens_loads(tmp_path):
