@@ -64,8 +64,9 @@ class CharTokenizer:
         return type(self)(self.chars, [*self.special_tokens, *tokens])
 
     def save(self, path):
-        data = {"kind": self.kind, "version": 1, "chars": self.chars, "unk": UNK,
-                "special_tokens": list(self.special_tokens)}
+        data = {"kind": self.kind, "version": 1, "chars": self.chars, "unk": UNK}
+        if self.special_tokens:  # only then, so a file without them stays byte for byte as before
+            data["special_tokens"] = list(self.special_tokens)
         Path(path).write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
     @classmethod

@@ -127,7 +127,10 @@ def test_a_hugging_face_tokenizer_has_no_chat_tokens():
 def test_char_file_written_before_chat_tokens_loads(tmp_path):
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps({"kind": "char", "version": 1, "chars": ["a", "b"], "unk": "<unk>"}))
+    before = path.read_bytes()
     old = load_tokenizer(path)
+    old.save(path)
+    assert path.read_bytes() == before  # no chat tokens: the file is written exactly as before
     assert old.vocab_size == 3 and old.special_tokens == {} and old.decode([0, 2, 1]) == "a\ufffdb"
     assert add_chat_tokens(old).decode([3, 0, 6]) == "<|system|>a<|end|>"
 
