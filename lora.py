@@ -64,6 +64,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout)
         base.requires_grad_(False)
+        self.train(base.training)  # a layer put into a model in eval mode must not start dropping out
 
     def forward(self, x):
         update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # (…, C_in) -> (…, r) -> (…, C_out)
