@@ -14,7 +14,7 @@ the weights, written in peft's files so that peft puts it on this run's
 Hugging Face export (export.py).
 
 New since stage 25a: a model whose base weights stay frozen while small added
-matrices learn. Run the demo: python lora.py
+matrices learn. Run the demo: `python lora.py`
 
 Shapes: B batch, T time, C_in / C_out a Linear layer's widths, r rank,
 H query heads, G key/value heads, D head dim.
@@ -109,6 +109,10 @@ def add_lora(model, rank=8, alpha=16, dropout=0.0, targets=("qkv", "out_proj")):
     if not chosen:
         kinds = sorted({re.sub(r"\.\d+\.", ".*.", name) for name in linears})  # one entry per kind of layer
         raise ValueError(f"no Linear layer matches the LoRA targets {list(targets)}; this model's are: {', '.join(kinds)}")
+    for name in chosen:  # a tied head is the embedding: merging its update would change the embedding as well
+        weight = model.get_submodule(name).weight
+        if any(p is weight for other, m in model.named_modules() if other != name for p in m.parameters(False)):
+            raise ValueError(f"{name} shares its weight with another layer (tie_weights): leave it out of the targets")
     model.requires_grad_(False)
     for name in chosen:
         replace_module(model, name, LoRALinear(model.get_submodule(name), rank, alpha, dropout))
@@ -226,9 +230,10 @@ def read_adapter(adapter_dir):
         if not (adapter_dir / file).is_file():
             raise FileNotFoundError(f"{adapter_dir} has no {file}: give the directory save_adapter wrote")
     config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("use_rslora"):
-        raise ValueError(f"{adapter_dir} holds no plain LoRA adapter (peft_type {config.get('peft_type')!r}, "
-                         f"use_dora {config.get('use_dora')}, use_rslora {config.get('use_rslora')})")
+    extras = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern") if config.get(k)]
+    if config.get("peft_type") != "LORA" or extras:
+        raise ValueError(f"{adapter_dir} holds no plain LoRA adapter of one rank and alpha (peft_type "
+                         f"{config.get('peft_type')!r}{', ' if extras else ''}{', '.join(extras)})")
     tensors = {n.removeprefix(PEFT_PREFIX): t for n, t in load_file(adapter_dir / ADAPTER_WEIGHTS).items()}
     return config, tensors
 

@@ -222,6 +222,8 @@ def test_bad_input(tmp_path):
             add_lora(tiny("llama"), rank=rank)
     with pytest.raises(ValueError, match=r"this model's are: blocks\.\*\.attn\.out_proj, blocks\.\*\.attn\.qkv"):
         add_lora(tiny("llama"), targets=("q_proj",))
+    with pytest.raises(ValueError, match="head shares its weight"):
+        add_lora(tiny("llama"), targets=("head",))
     model = add_lora(tiny("moe"))
     with pytest.raises(ValueError, match="already has LoRA"):
         add_lora(model)
@@ -236,3 +238,7 @@ def test_bad_input(tmp_path):
         load_adapter(tiny("llama", n_embd=64), tmp_path / "a")
     with pytest.raises(ValueError, match="holds adapters this model has no layer for"):
         load_adapter(tiny("llama", n_layer=1), tmp_path / "a")
+    config = json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())
+    (tmp_path / "a" / ADAPTER_CONFIG).write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ValueError, match="no plain LoRA adapter of one rank and alpha .peft_type 'LORA', use_dora"):
+        load_adapter(tiny("llama"), tmp_path / "a")
