@@ -18,6 +18,7 @@ import heapq
 import json
 import os
 import tempfile
+from array import array
 from collections import Counter, defaultdict
 from itertools import chain, repeat
 from pathlib import Path
@@ -62,20 +63,23 @@ class _PairIndex:
 
     A naive trainer recounts every pair of the whole text for every merge.
     Here each unique chunk is stored once with its frequency as a weight;
-    `where[pair]` remembers which chunks may hold the pair, so a merge visits
-    only those and adjusts the counts next to each replaced occurrence. A heap
-    finds the best pair; entries whose count has changed since they were
-    pushed are stale and skipped when popped ("lazy invalidation").
+    `where[pair]` remembers which chunks may hold the pair (an array of chunk numbers,
+    repeats allowed: sets took most of the memory), so a merge visits only those and
+    adjusts the counts next to each replaced occurrence. A heap finds the best pair;
+    entries whose count changed since they were pushed are stale: skipped when popped
+    ("lazy invalidation"), dropped when the heap outgrows 1.5 times the pairs.
     """
 
     def __init__(self, words, weights):
-        self.words, self.weights = words, weights  # words[i]: chunk i as a list of ids
-        self.counts = defaultdict(int)
-        self.where = defaultdict(set)
+        self.words, self.weights = words, weights  # words[i]: chunk i as an array of ids
+        self.counts, self.where = defaultdict(int), defaultdict(lambda: array("i"))  # pair -> count, chunks
         for i, word in enumerate(words):
             for pair in zip(word, word[1:]):
                 self.counts[pair] += weights[i]
-                self.where[pair].add(i)
+                self.where[pair].append(i)
+        self._rebuild_heap()
+
+    def _rebuild_heap(self):
         self.heap = [(-count, pair) for pair, count in self.counts.items()]
         heapq.heapify(self.heap)
 
@@ -92,9 +96,9 @@ class _PairIndex:
         a, b = pair
         where, delta = self.where, defaultdict(int)
         del self.counts[pair]  # every occurrence disappears
-        for i in where.pop(pair):
+        for i in dict.fromkeys(where.pop(pair)):  # each chunk once, in a fixed order
             word, weight = self.words[i], self.weights[i]
-            out, start, pos, n = [], 0, 0, len(word)
+            out, start, pos, n = array("i"), 0, 0, len(word)
             while True:
                 try:
                     pos = word.index(a, pos)  # a C-speed scan to the next candidate
@@ -108,12 +112,12 @@ class _PairIndex:
                     left = out[-1]
                     delta[left, a] -= weight
                     delta[left, new_id] += weight
-                    where[left, new_id].add(i)
+                    where[left, new_id].append(i)
                 if pos + 2 < n:  # (b, right) becomes (new, right)
                     right = word[pos + 2]
                     delta[b, right] -= weight
                     delta[new_id, right] += weight
-                    where[new_id, right].add(i)
+                    where[new_id, right].append(i)
                 out.append(new_id)
                 pos = start = pos + 2
             if start:  # `where` may list chunks that no longer hold the pair
@@ -125,6 +129,9 @@ class _PairIndex:
                 heapq.heappush(self.heap, (-count, p))
             else:
                 self.counts.pop(p, None)
+                where.pop(p, None)  # no chunk holds it any more
+        if len(self.heap) > 1.5 * len(self.counts) + 1024:
+            self._rebuild_heap()
 
 
 class BPETokenizer:
@@ -149,9 +156,7 @@ class BPETokenizer:
         vocab += [s.encode("utf-8") for s in special_tokens]
         self.vocab = vocab  # id -> bytes
         self.vocab_size = len(vocab)
-        self.bos_id = self.special_tokens.get("<|bos|>")
-        self.eos_id = self.special_tokens.get("<|eos|>")
-        self.pad_id = self.special_tokens.get("<|pad|>")
+        self.bos_id, self.eos_id, self.pad_id = (self.special_tokens.get(f"<|{n}|>") for n in ("bos", "eos", "pad"))
         self._split = regex.compile(pattern).findall if pattern else lambda text: [text]
         self._cache = {}  # chunk -> ids: text repeats, so most chunks are seen before
 
@@ -165,14 +170,13 @@ class BPETokenizer:
         """
         n_merges = vocab_size - 256 - len(special_tokens)
         if n_merges < 0:
-            raise ValueError(f"vocab_size {vocab_size} is below 256 bytes + "
-                             f"{len(special_tokens)} special tokens: pass at least "
-                             f"{256 + len(special_tokens)}")
+            raise ValueError(f"vocab_size {vocab_size} is below 256 bytes + {len(special_tokens)} special tokens: "
+                             f"pass at least {256 + len(special_tokens)}")
         if pattern and regex.compile(pattern).groups:
             raise ValueError("the split pattern has capture groups: use (?:...) instead")
-        chunks = Counter(regex.findall(pattern, text) if pattern else [text])
+        chunks = Counter(m.group() for m in regex.finditer(pattern, text)) if pattern else Counter([text])
         chunks.pop("", None)
-        index = _PairIndex([list(c.encode("utf-8")) for c in chunks], list(chunks.values()))
+        index = _PairIndex([array("i", list(c.encode("utf-8"))) for c in chunks], list(chunks.values()))
         merges = []
         for new_id in tqdm(range(256, 256 + n_merges), desc="bpe merges", disable=not verbose):
             pair = index.best()
@@ -286,9 +290,8 @@ class SentencePieceTokenizer:
         self.special_tokens = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i)}
         if (sp.piece_to_id(SPM_SPACE) == sp.unk_id()
                 or sp.encode("a", out_type=str)[0].startswith(SPM_SPACE)):
-            raise ValueError("this sentencepiece model adds a space in front or has no "
-                             "space piece, so it cannot round-trip: train it with "
-                             "SentencePieceTokenizer.train")
+            raise ValueError("this sentencepiece model adds a space in front or has no space piece, so it "
+                             "cannot round-trip: train it with SentencePieceTokenizer.train")
         self.vocab = [self._piece_bytes(i) for i in range(self.vocab_size)]
         # Inside sentencepiece a space *is* "▁", so a literal "▁" in the text
         # would come back as a space. We spell it as its three byte pieces;
@@ -329,8 +332,7 @@ class SentencePieceTokenizer:
                     character_coverage=character_coverage, byte_fallback=byte_fallback,
                     minloglevel=0 if verbose else 2, **SPM_LOSSLESS)
             except RuntimeError as e:
-                raise ValueError(f"sentencepiece could not train a {model_type} model "
-                                 f"of {vocab_size} pieces: {e}") from e
+                raise ValueError(f"sentencepiece could not train a {model_type} model of {vocab_size} pieces: {e}") from e
             return cls(Path(tmp, "tokenizer.model").read_bytes())
 
     def encode(self, text):
@@ -444,12 +446,10 @@ class HFTokenizer:
 
 def train_tokenizer(kind, text, vocab_size):
     """Train a tokenizer of `kind` ("char" | "bpe" | "spm"); char ignores vocab_size."""
-    if kind == "char":
-        return CharTokenizer.train(text)
-    if kind == "bpe":
-        return BPETokenizer.train(text, vocab_size)
-    if kind == "spm":
-        return SentencePieceTokenizer.train(text, vocab_size)
+    trainers = {"char": lambda: CharTokenizer.train(text), "bpe": lambda: BPETokenizer.train(text, vocab_size),
+                "spm": lambda: SentencePieceTokenizer.train(text, vocab_size)}
+    if kind in trainers:
+        return trainers[kind]()
     raise ValueError(f"unknown tokenizer kind {kind!r}: choose one of {', '.join(TOKENIZER_FILES)}")
 
 
