@@ -36,7 +36,6 @@ from clean_text import detect_language
 from sample import generate
 from training_loop import read_metrics
 
-LANGS = ("en", "ja")
 MAX_REPLY = 128  # tokens a reply may take to reach <|end|>
 
 
@@ -102,7 +101,7 @@ def reply_rates(model, tok, chats, n_per_lang):
     """{lang: {"n", "ends", "no_role", "language"}} over the first reply of up to n held-out conversations each,
     plus one transcript per language."""
     rates = {}
-    for lang in LANGS:
+    for lang in finetune.LANGS:
         picked = [m for m in chats if language_of(m) == lang][:n_per_lang]
         ends = no_role = same = 0
         for k, messages in enumerate(picked):
@@ -119,7 +118,7 @@ def reply_rates(model, tok, chats, n_per_lang):
 def probe_rates(model, tok, n_names=100):
     """{lang: {"facts": %, "names": %}}: exact answers to the synthetic probes (finetune.synthetic_probes)."""
     rates = {}
-    for lang in LANGS:
+    for lang in finetune.LANGS:
         rates[lang] = {}
         for kind, chats in finetune.synthetic_probes(lang, n_names).items():
             hits = sum(reply(model, tok, m[:-1])[0].strip() == m[-1]["content"] for m in chats)
@@ -176,13 +175,13 @@ def print_report(name, result):
     replies, probes = result["replies"], result["probes"]
     print(f"\n{name}: held-out replies (greedy, ≤ {MAX_REPLY} tokens) and synthetic probes")
     print(f"{'lang':6}{'n':>5}{'ends':>8}{'no role':>9}{'language':>10}{'facts':>8}{'names':>8}")
-    for lang in LANGS:
+    for lang in finetune.LANGS:
         r, p = replies[lang], probes[lang]
         print(f"{lang:6}{r['n']:>5}{r['ends']:>8.0%}{r['no_role']:>9.0%}{r['language']:>10.0%}"
               f"{p['facts']:>8.0%}{p['names']:>8.0%}")
     print("held-out assistant bits/char")
     for label, by_lang in result["bits_per_char"].items():
-        print(f"  {label:18}" + "".join(f"{lang} {by_lang.get(lang, float('nan')):.3f}   " for lang in LANGS))
+        print(f"  {label:18}" + "".join(f"{lang} {by_lang.get(lang, float('nan')):.3f}   " for lang in finetune.LANGS))
     for prompt, text in replies["transcripts"]:
         print("---\n" + "".join(f"{m['role']}: {m['content'][:200]}\n" for m in prompt) + f"assistant: {text}")
 

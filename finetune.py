@@ -37,7 +37,7 @@ import torch
 import checkpoint as ckpt
 from bpe_tokenizer import TOKENIZER_FILES
 from chat_format import add_chat_tokens, encode_chat, pack_chats, read_chats
-from lora import LoRALinear, add_lora, merge_lora, save_adapter
+from lora import add_lora, lora_modules, merge_lora, save_adapter
 from training_loop import (LoopState, TrainConfig, TrainingDiverged, add_dataclass_flags, flag, make_optimizer,
                            pick_dtype, restore, saver, seed_everything, train_loop)
 from transformer import Transformer
@@ -165,17 +165,11 @@ def add_adapters(model, args, n_old):
     """
     add_lora(model, rank=args["lora_rank"], alpha=args["lora_alpha"], dropout=args["lora_dropout"],
              targets=tuple(args["lora_targets"]))
-    adapters = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    if not adapters:
-        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ValueError(f"--lora-targets {' '.join(args['lora_targets'])} matches no layer of the base; its "
-                         f"Linear layers are named {', '.join(names)}")
     rows = model.embed.tok.weight
     rows.requires_grad_(True)
-    rows.register_hook(lambda grad: torch.cat([torch.zeros_like(grad[:n_old]), grad[n_old:]]))
-    lora_values = sum(p.numel() for m in adapters for n, p in m.named_parameters() if p.requires_grad
-                      and not n.startswith("base"))
-    return lora_values + (len(rows) - n_old) * rows.shape[1]
+    rows.register_hook(lambda grad: torch.cat([torch.zeros_like(grad[:n_old]), grad[n_old:]]))  # (V', C)
+    adapters = sum(m.lora_A.numel() + m.lora_B.numel() for m in lora_modules(model).values())
+    return adapters + (len(rows) - n_old) * rows.shape[1]
 
 
 def merged_weights(run_dir):
@@ -310,6 +304,7 @@ def run(argv=None):
 
 
 # --- Synthetic conversations ---------------------------------------------------------------------------------------
+LANGS = ("en", "ja")
 # Invented countries, so that no fact can come from pretraining: each has a capital (its own invented name), a
 # flag colour and a national animal. Questions are asked in TRAIN phrasings in the training set; HELD_OUT
 # phrasings are kept for testing whether a fact was learnt rather than a sentence.
