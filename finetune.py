@@ -63,8 +63,8 @@ def build_parser(suppress=False):
                      "\"completion\"}")
     run.add_argument("--synthetic", type=int, default=s(0), metavar="N", help="add N generated conversations "
                      "(facts and name recall, English and Japanese) (default: %(default)s)")
-    run.add_argument("--max-chats", type=int, default=s(0), metavar="N", help="at most N conversations of each "
-                     "file, drawn by --seed; balances a mix of large and small files (default: 0, all)")
+    run.add_argument("--max-chats", type=int, default=s(0), metavar="N", help="train on at most N conversations "
+                     "of each file, drawn by --seed: balances large and small files (default: 0, all)")
     run.add_argument("--heldout", type=float, default=s(0.05), help="fraction of each file's conversations held "
                      "out to measure the assistant loss on (default: %(default)s)")
     run.add_argument("--out", default=s(None), help="run directory to write (default: out/chat)")
@@ -188,21 +188,23 @@ def file_record(path):
     return {"path": str(path), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
+def split(chats, fraction):
+    """(train, held_out): the first `fraction` of `chats` held out (at least one when there are two or more)."""
+    n_held = max(1, round(len(chats) * fraction)) if fraction and len(chats) > 1 else 0
+    return chats[n_held:], chats[:n_held]
+
+
 def load_chats(args):
-    """(train, held_out) conversations: each file's (and the synthetic set's) shuffled by --seed, cut to
-    --max-chats, and split, so that every source is represented in both parts."""
-    sources = [read_chats(path) for path in args["data"]]
-    if args["synthetic"]:
-        sources.append(synthetic_chats(args["synthetic"], args["seed"]))
-    train, held_out = [], []
-    for k, chats in enumerate(sources):
-        chats = list(chats)
+    """(train, held_out) conversations: each file's shuffled by --seed and split, its training part cut to
+    --max-chats, so that every source is represented in both parts; then the --synthetic set, split too."""
+    parts = []
+    for k, path in enumerate(args["data"]):
+        chats = read_chats(path)
         random.Random(f"{args['seed']}/{k}").shuffle(chats)
-        chats = chats[:args["max_chats"] or None]
-        n_held = max(1, round(len(chats) * args["heldout"])) if args["heldout"] and len(chats) > 1 else 0
-        held_out += chats[:n_held]
-        train += chats[n_held:]
-    return train, held_out
+        train, held_out = split(chats, args["heldout"])
+        parts.append((train[:args["max_chats"] or None], held_out))
+    parts.append(split(synthetic_chats(args["synthetic"], args["seed"]), args["heldout"]))  # drawn at random
+    return [m for train, _ in parts for m in train], [m for _, held_out in parts for m in held_out]
 
 
 def target_blocks(tok, chats, block_size):
