@@ -196,9 +196,11 @@ def main(argv=None):
     p.add_argument("--names", type=int, default=100, help="name-recall probes per language (default: %(default)s)")
     p.add_argument("--time-run", metavar="DIR", help="run the command after -- and record its time and peak "
                    "memory in DIR/run.json")
-    args, command = p.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args, command = p.parse_args(argv[:cut]), argv[cut + 1:]
     if args.time_run:
-        sys.exit(time_run(args.time_run, [c for c in command if c != "--"]))
+        sys.exit(time_run(args.time_run, command))
     torch.set_num_threads(1)
     print_report(args.run, measure(args.run, args.base, args.scratch, args.replies, args.names))
     if args.lora:

@@ -42,10 +42,10 @@ from training_loop import (LoopState, TrainConfig, TrainingDiverged, add_datacla
                            pick_dtype, restore, saver, seed_everything, train_loop)
 from transformer import Transformer
 
-# Fine-tuning starts from trained weights: a smaller step than pretraining, a short warm-up, and no weight
-# decay, which would pull the pretrained weights toward zero rather than toward anything the chats teach
-# (nanochat's SFT does the same).
-FINETUNE_DEFAULTS = {"steps": 600, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 30, "weight_decay": 0.0,
+# Measured on the README's chat recipe: a peak of 3e-3, pretraining's, beat 1e-3 (held-out assistant loss 1.79
+# against 2.09 after 300 of 400 steps); a short warm-up; no weight decay, which would pull the pretrained weights
+# toward zero rather than toward anything the chats teach (nanochat's SFT uses none either).
+FINETUNE_DEFAULTS = {"steps": 300, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 30, "weight_decay": 0.0,
                      "batch_size": 16, "eval_interval": 100, "eval_iters": 10}
 RUN_FLAGS = ("base", "data", "synthetic", "max_chats", "heldout", "seed", "from_scratch", "lora_rank",
              "lora_alpha", "lora_dropout", "lora_targets")  # fixed for a run's life
@@ -311,16 +311,12 @@ LANGS = ("en", "ja")
 # flag colour and a national animal. Questions are asked in TRAIN phrasings in the training set; HELD_OUT
 # phrasings are kept for testing whether a fact was learnt rather than a sentence.
 COUNTRIES = {
-    "en": ("Arvenia Belmora Caldris Dunmere Eskaria Falmont Galvane Harrowen Istoria Jorvane Kelvane Lorsica "
-           "Mardova Norvane Orinth Pellucia Quenmark Rostavia Sylvar Tervane").split(),
-    "ja": ("アルベニア ベルモラ カルドリス ダンメア エスカリア ファルモン ガルバネ ハロウェン イストリア ヨルバネ "
-           "ケルバネ ロルシカ マルドバ ノルバネ オリント ペルーシャ クエンマルク ロスタビア シルバル テルバネ").split(),
+    "en": "Arvenia Belmora Caldris Dunmere Eskaria Falmont Galvane Harrowen Istoria Jorvane Kelvane Lorsica".split(),
+    "ja": "アルベニア ベルモラ カルドリス ダンメア エスカリア ファルモン ガルバネ ハロウェン イストリア ヨルバネ ケルバネ ロルシカ".split(),
 }
 CAPITALS = {
-    "en": "Dalst Merrow Quillon Tavish Brennet Corvin Elsby Farrow Gullane Hesk Ivel Jarrow Kestle Lunt Morwen "
-          "Nesbit Orran Pell Rook Selby".split(),
-    "ja": "ダルスト メロウ クイロン タビシュ ブレネット コルビン エルスビー ファロウ ガレーン ヘスク イベル "
-          "ジャロウ ケスル ルント モルウェン ネスビット オラン ペル ルーク セルビー".split(),
+    "en": "Dalst Merrow Quillon Tavish Brennet Corvin Elsby Farrow Gullane Hesk Ivel Jarrow".split(),
+    "ja": "ダルスト メロウ クイロン タビシュ ブレネット コルビン エルスビー ファロウ ガレーン ヘスク イベル ジャロウ".split(),
 }
 COLOURS = {"en": "red blue green yellow white black orange purple".split(),
            "ja": "赤 青 緑 黄色 白 黒 オレンジ 紫".split()}
