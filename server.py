@@ -247,8 +247,10 @@ def create_app(run_dir, device="cpu"):
         if not request.url.path.startswith("/v1/"):  # /generate keeps FastAPI's 422 with its detail list
             return await request_validation_exception_handler(request, error)
         first = error.errors()[0]
+        if first["type"] == "json_invalid":  # its loc holds the character position, not a field
+            return await refuse(request, OpenAIError(400, f"the body is not valid JSON: {first['ctx']['error']}"))
         param = ".".join(str(part) for part in first["loc"][1:]) or None  # ("body", "messages", 0) -> messages.0
-        return await refuse(request, OpenAIError(400, f"{param}: {first['msg']}" if param else first["msg"], param))
+        return await refuse(request, OpenAIError(400, f"{param or 'the body'}: {first['msg']}", param))
 
     @app.get("/info")
     def get_info():

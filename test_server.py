@@ -72,6 +72,13 @@ def test_rejects_a_bad_request_with_422_and_a_message(client, field, value):
     assert detail["loc"][-1] == field and detail["msg"]
 
 
+def test_openai_endpoints_answer_a_body_that_is_not_json_with_an_openai_error(client):
+    for body in (b'{"model": "run", "prompt": ', b""):
+        reply = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert reply.status_code == 400
+        assert set(reply.json()["error"]) == {"message", "type", "param", "code"} and reply.json()["error"]["message"]
+
+
 def test_concurrent_requests_do_not_disturb_each_other(client):
     bodies = [dict(prompt="to be", max_new_tokens=150, seed=1), dict(prompt="the question", max_new_tokens=150,
                                                                     seed=2, temperature=0.7, stream=True)]
