@@ -18,6 +18,7 @@ import heapq
 import json
 import os
 import tempfile
+from array import array
 from collections import Counter, defaultdict
 from itertools import chain, repeat
 from pathlib import Path
@@ -62,20 +63,23 @@ class _PairIndex:
 
     A naive trainer recounts every pair of the whole text for every merge.
     Here each unique chunk is stored once with its frequency as a weight;
-    `where[pair]` remembers which chunks may hold the pair, so a merge visits
-    only those and adjusts the counts next to each replaced occurrence. A heap
-    finds the best pair; entries whose count has changed since they were
-    pushed are stale and skipped when popped ("lazy invalidation").
+    `where[pair]` remembers which chunks may hold the pair (an array of chunk numbers,
+    repeats allowed: sets took most of the memory), so a merge visits only those and
+    adjusts the counts next to each replaced occurrence. A heap finds the best pair;
+    entries whose count changed since they were pushed are stale: skipped when popped
+    ("lazy invalidation"), dropped when the heap outgrows 1.5 times the pairs.
     """
 
     def __init__(self, words, weights):
-        self.words, self.weights = words, weights  # words[i]: chunk i as a list of ids
-        self.counts = defaultdict(int)
-        self.where = defaultdict(set)
+        self.words, self.weights = words, weights  # words[i]: chunk i as an array of ids
+        self.counts, self.where = defaultdict(int), defaultdict(lambda: array("i"))  # pair -> count, chunks
         for i, word in enumerate(words):
             for pair in zip(word, word[1:]):
                 self.counts[pair] += weights[i]
-                self.where[pair].add(i)
+                self.where[pair].append(i)
+        self._rebuild_heap()
+
+    def _rebuild_heap(self):
         self.heap = [(-count, pair) for pair, count in self.counts.items()]
         heapq.heapify(self.heap)
 
@@ -92,9 +96,9 @@ class _PairIndex:
         a, b = pair
         where, delta = self.where, defaultdict(int)
         del self.counts[pair]  # every occurrence disappears
-        for i in where.pop(pair):
+        for i in dict.fromkeys(where.pop(pair)):  # each chunk once, in a fixed order
             word, weight = self.words[i], self.weights[i]
-            out, start, pos, n = [], 0, 0, len(word)
+            out, start, pos, n = array("i"), 0, 0, len(word)
             while True:
                 try:
                     pos = word.index(a, pos)  # a C-speed scan to the next candidate
@@ -108,12 +112,12 @@ class _PairIndex:
                     left = out[-1]
                     delta[left, a] -= weight
                     delta[left, new_id] += weight
-                    where[left, new_id].add(i)
+                    where[left, new_id].append(i)
                 if pos + 2 < n:  # (b, right) becomes (new, right)
                     right = word[pos + 2]
                     delta[b, right] -= weight
                     delta[new_id, right] += weight
-                    where[new_id, right].add(i)
+                    where[new_id, right].append(i)
                 out.append(new_id)
                 pos = start = pos + 2
             if start:  # `where` may list chunks that no longer hold the pair
@@ -125,6 +129,9 @@ class _PairIndex:
                 heapq.heappush(self.heap, (-count, p))
             else:
                 self.counts.pop(p, None)
+                where.pop(p, None)  # no chunk holds it any more
+        if len(self.heap) > 1.5 * len(self.counts) + 1024:
+            self._rebuild_heap()
 
 
 class BPETokenizer:
@@ -149,9 +156,7 @@ class BPETokenizer:
         vocab += [s.encode("utf-8") for s in special_tokens]
         self.vocab = vocab  # id -> bytes
         self.vocab_size = len(vocab)
-        self.bos_id = self.special_tokens.get("<|bos|>")
-        self.eos_id = self.special_tokens.get("<|eos|>")
-        self.pad_id = self.special_tokens.get("<|pad|>")
+        self.bos_id, self.eos_id, self.pad_id = (self.special_tokens.get(f"<|{n}|>") for n in ("bos", "eos", "pad"))
         self._split = regex.compile(pattern).findall if pattern else lambda text: [text]
         self._cache = {}  # chunk -> ids: text repeats, so most chunks are seen before
 
@@ -165,14 +170,13 @@ class BPETokenizer:
         """
         n_merges = vocab_size - 256 - len(special_tokens)
         if n_merges < 0:
-            raise ValueError(f"vocab_size {vocab_size} is below 256 bytes + "
-                             f"{len(special_tokens)} special tokens: pass at least "
-                             f"{256 + len(special_tokens)}")
+            raise ValueError(f"vocab_size {vocab_size} is below 256 bytes + {len(special_tokens)} special tokens: "
+                             f"pass at least {256 + len(special_tokens)}")
         if pattern and regex.compile(pattern).groups:
             raise ValueError("the split pattern has capture groups: use (?:...) instead")
-        chunks = Counter(regex.findall(pattern, text) if pattern else [text])
+        chunks = Counter(m.group() for m in regex.finditer(pattern, text)) if pattern else Counter([text])
         chunks.pop("", None)
-        index = _PairIndex([list(c.encode("utf-8")) for c in chunks], list(chunks.values()))
+        index = _PairIndex([array("i", list(c.encode("utf-8"))) for c in chunks], list(chunks.values()))
         merges = []
         for new_id in tqdm(range(256, 256 + n_merges), desc="bpe merges", disable=not verbose):
             pair = index.best()
@@ -218,15 +222,12 @@ class BPETokenizer:
         """Text -> ids. Special tokens written in `text` become their ids only
         when allowed ("all", or a set of them); otherwise they are plain text,
         so a user typing "<|eos|>" can never end a model's turn."""
-        if allowed_special == "all":
-            allowed = self.special_tokens
-        elif allowed_special == "none":
-            allowed = {}
+        if allowed_special in ("all", "none"):
+            allowed = self.special_tokens if allowed_special == "all" else {}
         else:
             unknown = set(allowed_special) - set(self.special_tokens)
             if unknown:
-                raise ValueError(f"unknown special tokens {sorted(unknown)}: this tokenizer "
-                                 f"has {list(self.special_tokens)}")
+                raise ValueError(f"unknown special tokens {sorted(unknown)}: this tokenizer has {list(self.special_tokens)}")
             allowed = {s: self.special_tokens[s] for s in allowed_special}
         if not allowed:
             return self.encode_ordinary(text)
@@ -244,6 +245,10 @@ class BPETokenizer:
     def token_bytes(self, i):
         return self.vocab[i]
 
+    def with_special_tokens(self, tokens):
+        """A new tokenizer: this one plus `tokens`, each one new special id after the current vocabulary."""
+        return type(self)(self.merges, self.pattern, [*self.special_tokens, *tokens])
+
     def _readable_vocab(self):
         return [t.decode("utf-8", errors="backslashreplace") for t in self.vocab]
 
@@ -258,13 +263,11 @@ class BPETokenizer:
     def load(cls, path):
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         if data.get("kind") != cls.kind or data.get("version") != BPE_VERSION:
-            raise ValueError(f"{path} holds kind {data.get('kind')!r} version "
-                             f"{data.get('version')!r}; expected a bpe tokenizer, "
-                             f"version {BPE_VERSION}: retrain it with this code")
+            raise ValueError(f"{path} holds kind {data.get('kind')!r} version {data.get('version')!r}; expected "
+                             f"a bpe tokenizer, version {BPE_VERSION}: retrain it with this code")
         tok = cls(data["merges"], data["pattern"], data["special_tokens"])
         if "vocab" in data and data["vocab"] != tok._readable_vocab():
-            raise ValueError(f"{path}: the vocab does not match the merges "
-                             "(was the file edited?): retrain the tokenizer")
+            raise ValueError(f"{path}: the vocab does not match the merges (was the file edited?): retrain the tokenizer")
         return tok
 
 
@@ -284,11 +287,11 @@ class SentencePieceTokenizer:
         self.vocab_size = sp.get_piece_size()
         self.bos_id, self.eos_id, self.pad_id, self.unk_id = (
             i if i >= 0 else None for i in (sp.bos_id(), sp.eos_id(), sp.pad_id(), sp.unk_id()))
+        self.special_tokens = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i)}
         if (sp.piece_to_id(SPM_SPACE) == sp.unk_id()
                 or sp.encode("a", out_type=str)[0].startswith(SPM_SPACE)):
-            raise ValueError("this sentencepiece model adds a space in front or has no "
-                             "space piece, so it cannot round-trip: train it with "
-                             "SentencePieceTokenizer.train")
+            raise ValueError("this sentencepiece model adds a space in front or has no space piece, so it "
+                             "cannot round-trip: train it with SentencePieceTokenizer.train")
         self.vocab = [self._piece_bytes(i) for i in range(self.vocab_size)]
         # Inside sentencepiece a space *is* "▁", so a literal "▁" in the text
         # would come back as a space. We spell it as its three byte pieces;
@@ -300,8 +303,8 @@ class SentencePieceTokenizer:
         sp, piece = self.sp, self.sp.id_to_piece(i)
         if sp.is_byte(i):  # "<0xE3>" -> b"\xe3"
             return bytes([int(piece[3:5], 16)])
-        if sp.is_control(i):  # <s>, </s> print nothing
-            return b""
+        if sp.is_control(i):  # <s>, </s> print nothing; control pieces we added print their text
+            return b"" if i in (sp.bos_id(), sp.eos_id(), sp.pad_id()) else piece.encode("utf-8")
         if sp.is_unknown(i):
             return UNK_TEXT.encode("utf-8")
         return piece.replace(SPM_SPACE, " ").encode("utf-8")
@@ -329,8 +332,7 @@ class SentencePieceTokenizer:
                     character_coverage=character_coverage, byte_fallback=byte_fallback,
                     minloglevel=0 if verbose else 2, **SPM_LOSSLESS)
             except RuntimeError as e:
-                raise ValueError(f"sentencepiece could not train a {model_type} model "
-                                 f"of {vocab_size} pieces: {e}") from e
+                raise ValueError(f"sentencepiece could not train a {model_type} model of {vocab_size} pieces: {e}") from e
             return cls(Path(tmp, "tokenizer.model").read_bytes())
 
     def encode(self, text):
@@ -341,11 +343,17 @@ class SentencePieceTokenizer:
             ids += (self._literal_space if k else []) + self.sp.encode(part)
         return ids
 
-    def decode(self, ids):
-        return b"".join(map(self.vocab.__getitem__, ids)).decode("utf-8", errors="replace")
+    decode, token_bytes = BPETokenizer.decode, BPETokenizer.token_bytes  # both read self.vocab
 
-    def token_bytes(self, i):
-        return self.vocab[i]
+    def with_special_tokens(self, tokens):
+        """A new tokenizer: this one plus `tokens` as CONTROL pieces, which sentencepiece never
+        produces from text. A .model file is a protobuf message, and protobuf appends a repeated
+        field's records in the order read, so records added at the end become the last pieces."""
+        def field(number, data):  # one length-delimited protobuf field: tag, length, bytes
+            assert len(data) < 128, "a longer length needs a multi-byte varint"
+            return bytes([number << 3 | 2, len(data)]) + data
+        pieces = [field(1, field(1, t.encode("utf-8")) + b"\x18\x03") for t in tokens]  # \x18\x03: type CONTROL
+        return type(self)(self.model_bytes + b"".join(pieces))
 
     def save(self, path):
         Path(path).write_bytes(self.model_bytes)
@@ -424,7 +432,7 @@ class HFTokenizer:
     def encode(self, text):
         return self.tk.encode(text).ids
 
-    decode, token_bytes = SentencePieceTokenizer.decode, SentencePieceTokenizer.token_bytes
+    decode, token_bytes = BPETokenizer.decode, BPETokenizer.token_bytes
 
     def save(self, path):
         data = {"kind": self.kind, "vocab_size": self.vocab_size, "special": self.special, "tokenizer": self.spec}
@@ -438,12 +446,10 @@ class HFTokenizer:
 
 def train_tokenizer(kind, text, vocab_size):
     """Train a tokenizer of `kind` ("char" | "bpe" | "spm"); char ignores vocab_size."""
-    if kind == "char":
-        return CharTokenizer.train(text)
-    if kind == "bpe":
-        return BPETokenizer.train(text, vocab_size)
-    if kind == "spm":
-        return SentencePieceTokenizer.train(text, vocab_size)
+    trainers = {"char": lambda: CharTokenizer.train(text), "bpe": lambda: BPETokenizer.train(text, vocab_size),
+                "spm": lambda: SentencePieceTokenizer.train(text, vocab_size)}
+    if kind in trainers:
+        return trainers[kind]()
     raise ValueError(f"unknown tokenizer kind {kind!r}: choose one of {', '.join(TOKENIZER_FILES)}")
 
 
@@ -452,11 +458,9 @@ def load_tokenizer(path):
     sentencepiece .model, or a run directory containing one of them."""
     path = Path(path)
     if path.is_dir():
-        found = [path / name for name in dict.fromkeys(TOKENIZER_FILES.values())
-                 if (path / name).exists()]
+        found = [path / name for name in dict.fromkeys(TOKENIZER_FILES.values()) if (path / name).exists()]
         if not found:
-            raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}: "
-                                    "train one with train.py --tokenizer")
+            raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {path}: train one with train.py --tokenizer")
         path = found[0]
     if not path.exists():
         raise FileNotFoundError(f"tokenizer file {path} does not exist")
@@ -468,8 +472,7 @@ def load_tokenizer(path):
         kind = None
     classes = {"char": CharTokenizer, "bpe": BPETokenizer, "hf": HFTokenizer}
     if kind not in classes:
-        raise ValueError(f"{path} is neither a tokenizer.json of kind char/bpe/hf "
-                         "nor a sentencepiece .model file")
+        raise ValueError(f"{path} is neither a tokenizer.json of kind char/bpe/hf nor a sentencepiece .model file")
     return classes[kind].load(path)
 
 
@@ -488,10 +491,8 @@ def _demo():
         print(f"  decode: {tok.decode(ids)!r}  (exact: {tok.decode(ids) == sample})")
     stream = StreamDecoder(tok)
     ids = tok.encode("王様")
-    print(f"\nstreaming {ids} one id at a time: {[stream.push(i) for i in ids]}"
-          f" + flush {stream.flush()!r}")
-    print(f"special tokens: {tok.special_tokens}; "
-          f"'<|eos|>' as plain text -> {tok.encode('<|eos|>')}, "
+    print(f"\nstreaming {ids} one id at a time: {[stream.push(i) for i in ids]} + flush {stream.flush()!r}")
+    print(f"special tokens: {tok.special_tokens}; '<|eos|>' as plain text -> {tok.encode('<|eos|>')}, "
           f"allowed -> {tok.encode('<|eos|>', allowed_special='all')}")
 
 

@@ -27,14 +27,18 @@ class CharTokenizer:
     kind = "char"
     bos_id = eos_id = pad_id = None
 
-    def __init__(self, chars):
+    def __init__(self, chars, special_tokens=()):
         chars = list(chars)
         if len(set(chars)) != len(chars) or any(len(c) != 1 for c in chars):
             raise ValueError("CharTokenizer needs a list of distinct single characters")
         self.chars = chars
         self.stoi = {c: i for i, c in enumerate(chars)}
         self.unk_id = len(chars)
-        self.vocab_size = len(chars) + 1
+        # Special tokens (stage 25a's chat tokens) take the ids after <unk>. Encode
+        # reads one character at a time, so no text can ever produce them.
+        self.special_tokens = {s: len(chars) + 1 + k for k, s in enumerate(special_tokens)}
+        self.itos = chars + [UNK_TEXT, *special_tokens]  # id -> text
+        self.vocab_size = len(self.itos)
 
     @classmethod
     def train(cls, text):
@@ -48,15 +52,21 @@ class CharTokenizer:
         return [get(c, unk) for c in text]
 
     def decode(self, ids):
-        chars, n = self.chars, len(self.chars)
-        return "".join(chars[i] if 0 <= i < n else UNK_TEXT for i in ids)
+        itos, n = self.itos, len(self.itos)
+        return "".join(itos[i] if 0 <= i < n else UNK_TEXT for i in ids)
 
     def token_bytes(self, i):
         """The UTF-8 bytes of one id (used by the streaming decoder)."""
         return self.decode([i]).encode("utf-8")
 
+    def with_special_tokens(self, tokens):
+        """A new tokenizer: this one plus `tokens`, each one new id after the current vocabulary."""
+        return type(self)(self.chars, [*self.special_tokens, *tokens])
+
     def save(self, path):
         data = {"kind": self.kind, "version": 1, "chars": self.chars, "unk": UNK}
+        if self.special_tokens:  # only then, so a file without them stays byte for byte as before
+            data["special_tokens"] = list(self.special_tokens)
         Path(path).write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
     @classmethod
@@ -64,7 +74,7 @@ class CharTokenizer:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
         if data.get("kind") != cls.kind:
             raise ValueError(f"{path} holds a {data.get('kind')!r} tokenizer, not a char one")
-        return cls(data["chars"])
+        return cls(data["chars"], data.get("special_tokens", ()))  # older files have none
 
 
 def _demo():
