@@ -27,6 +27,9 @@ HTTP. FastAPI and uvicorn are an optional extra (pip install fastapi uvicorn).
          -d '{"prompt": "ROMEO:", "stream": true}'
     curl -s localhost:8000/v1/completions -H 'content-type: application/json' \\
          -d '{"model": "gpt", "prompt": "ROMEO:", "max_tokens": 50}'
+    python server.py out/chat        # a chat run made by finetune.py: its model id is "chat"
+    curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
+         -d '{"model": "chat", "messages": [{"role": "user", "content": "Hello!"}], "temperature": 0}'
 """
 import argparse
 import json
