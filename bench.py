@@ -661,7 +661,7 @@ def bench_data(size_mb=None, seed=0):
             tok_file = Path(tmp, f"{kind}-{TOKENIZER_FILES[kind]}")  # load_tokenizer goes by the suffix
             fit = measured([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(root)!r}); import dataset, "
                             f"train; s = [dataset.scan_source({str(corpus)!r})]; train.cached_tokenizer({kind!r}, "
-                            f"train.tokenizer_text({kind!r}, dataset.split_parts(s, 0)), 8192)"
+                            f"dataset.split_parts(s, 0), 8192)"
                             f".save({str(tok_file)!r})"])
             speeds = {}
             for workers in (1, 2):

@@ -28,7 +28,6 @@ import tempfile
 import time
 import unicodedata
 from collections import Counter
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -109,11 +108,12 @@ def new_report():
             "languages": dict.fromkeys(LANGUAGES, 0)}
 
 
-def clean_stream(lines, report, *, nfkc=True, strip=True, min_chars=1, dedup=True, languages=None):
+def clean_stream(lines, report, *, nfkc=True, strip=True, min_chars=1, dedup=True, languages=None, seen=None):
     """Yield the lines of `lines` that pass every rule, counting into `report` (from new_report()).
 
     Lazy in and out, so a file of any size streams through. "languages" in the report
     counts the lines that reached the language rule (those that passed rules 1–4).
+    `seen` carries the de-duplication memory from one call to the next (several files).
     """
     if min_chars < 0:
         raise ValueError(f"min_chars is {min_chars}: use 0 to keep every line, or more to drop short ones")
@@ -125,7 +125,7 @@ def clean_stream(lines, report, *, nfkc=True, strip=True, min_chars=1, dedup=Tru
     # and ten times the time (2 µs a line). Two different lines share a hash with probability
     # ~n²/2^65 (1 in 4,000 for 100 million lines), and then one would be dropped wrongly.
     # The hash is salted per process, which is fine: the set lives only for this run.
-    seen, batch = set(), []
+    seen, batch = set() if seen is None else seen, []
     for line in lines:
         if nfkc:
             line = unicodedata.normalize("NFKC", line)
@@ -226,7 +226,8 @@ def clean_files(paths, out, *, progress=True, **options):
     """Clean the files `paths`, in order, into the text file `out` (a line each); returns the report.
 
     `options` are clean_lines's. The output appears whole or not at all: it is written to a
-    temporary file that replaces `out` only at the end.
+    temporary file that replaces `out` only at the end. A file that cleaning leaves empty is an error
+    (saying which rules removed its lines): it was named to be learned from.
     """
     paths = [Path(p) for p in paths]
     for path in paths:
@@ -240,9 +241,17 @@ def clean_files(paths, out, *, progress=True, **options):
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f, \
                 tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True,
                      disable=None if progress else True, desc="cleaning") as bar:  # None: on a terminal only
-            lines = chain.from_iterable(read_lines(path, bar.update) for path in paths)
-            for line in clean_stream(lines, report, **options):
-                f.write(line + "\n")
+            seen = set()
+            for path in paths:
+                before = {k: v for k, v in report.items() if k != "languages"}
+                for line in clean_stream(read_lines(path, bar.update), report, seen=seen, **options):
+                    f.write(line + "\n")
+                if report["lines_out"] == before["lines_out"]:
+                    n, short, repeats, language = (report[k] - before[k] for k in (
+                        "lines_in", "removed_short", "removed_duplicate", "removed_language"))
+                    raise ValueError(f"{path}: cleaning kept none of its {n} lines ({short} too short, {repeats} "
+                                     f"repeats, {language} in another language); relax --min-chars or --lang, "
+                                     f"or leave the file out")
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,22 +1,25 @@
-"""Stage 24 — chat: talk to a trained model in the terminal.
+"""Stages 24, 25 — chat: talk to a trained model in the terminal.
 
 Each line you type is a prompt; the answer streams back as it is generated,
 one complete character at a time (StreamDecoder), so Japanese prints cleanly.
 The conversation so far, your lines and its answers, stays in the context up
-to block_size tokens; when it grows past that, the oldest turns are dropped.
-A base model does not "reply": it continues the text, so a turn is your line,
-a newline, then its continuation up to a blank line (--stop) or /max tokens.
+to block_size tokens; when it grows past that, the oldest whole turns are
+dropped. A base model does not "reply": it continues the text, so a turn is
+your line, a newline, then its continuation up to a blank line (--stop) or
+/max tokens. A chat run (its tokenizer has the chat tokens, see finetune.py)
+takes turns: the conversation goes through the chat template, the answer ends
+at <|end|>, and /system sets a system message that is never dropped.
 
 New since stage 19: a loop around `sample.stream_text` with settings that
-change as you talk. Run it:
+change as you talk; since stage 25, turns through the chat template. Run it:
 
     python cli.py out/gpt
     > ROMEO:
     (the answer streams here)
     > /temp 0.8
 
-Commands: /temp T, /top-k K, /top-p P, /max N, /seed S, /reset, /help,
-/quit (or Ctrl-D). Ctrl-C stops the current answer, not the program.
+Commands: /temp T, /top-k K, /top-p P, /max N, /seed S, /system TEXT, /reset,
+/help, /quit (or Ctrl-D). Ctrl-C stops the current answer, not the program.
 """
 import argparse
 import sys
@@ -24,13 +27,15 @@ from dataclasses import dataclass
 
 import torch
 
+from chat_format import chat_ids, encode_chat
 from checkpoint import load_run
 from sample import check_sampling_args, context_window, stream_text
 
 HELP = """commands:
   /temp T     temperature (0 = greedy)        /top-k K   keep the K most likely tokens (0 = off)
   /top-p P    nucleus probability in (0, 1]    /max N     longest answer, in tokens
-  /seed S     restart the random numbers       /reset     forget the conversation
+  /seed S     restart the random numbers       /reset     forget the conversation (not /system)
+  /system T   the system message (chat runs; /system alone removes it)
   /help       this text                        /quit      leave (Ctrl-D too)
 Ctrl-C stops an answer."""
 
@@ -56,33 +61,59 @@ COMMANDS = {  # command -> (Settings field, type)
 
 
 class Chat:
-    """One conversation with one model: the turns so far and the sampling settings."""
+    """One conversation with one model: the turns so far, the system message and the sampling settings."""
 
-    def __init__(self, model, tok, settings, stop_text="\n\n"):
-        self.model, self.tok, self.settings, self.stop_text = model, tok, settings, stop_text
-        self.turns = []  # "line\nanswer\n\n" per finished turn, oldest first
+    def __init__(self, model, tok, settings, stop_text=None):
+        self.model, self.tok, self.settings = model, tok, settings
+        self.chat_tokens = chat_ids(tok)  # None: a base model, which continues text
+        # a base model's turn ends at a blank line; a chat model's at <|end|>, or at any other chat token,
+        # which is never text (a role token would be the model speaking for the user)
+        self.stop_text = stop_text if stop_text is not None or self.chat_tokens else "\n\n"
+        self.stop_ids = list((self.chat_tokens or {}).values())
+        self.turns = []  # (line, answer) per finished turn, oldest first
+        self.system = ""  # the system message of a chat run; "" for none
         self.generator = torch.Generator(device=next(model.parameters()).device).manual_seed(settings.seed)
+
+    def prompt(self, line):
+        """The prompt for `line` after self.turns: text for a base model, the chat template's ids for a chat one."""
+        if self.chat_tokens is None:
+            return "".join(f"{said}\n{answer}\n\n" for said, answer in self.turns) + line + "\n"
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        for said, answer in self.turns:
+            messages += [{"role": "user", "content": said}, {"role": "assistant", "content": answer}]
+        ids, _ = encode_chat(self.tok, messages + [{"role": "user", "content": line}], add_generation_prompt=True)
+        return ids
 
     def context(self, line):
         """The prompt for `line`: as many recent turns as fit in block_size tokens, then the line."""
         window = context_window(self.model)
-        while self.turns and len(self.tok.encode("".join(self.turns) + line + "\n")) > window:
-            self.turns.pop(0)  # the oldest turn goes first
-        return "".join(self.turns) + line + "\n"
+
+        def size(prompt):
+            return len(prompt) if isinstance(prompt, list) else len(self.tok.encode(prompt))
+
+        while self.turns and size(self.prompt(line)) > window:
+            self.turns.pop(0)  # the oldest turn goes first, as a whole; the system message stays
+        return self.prompt(line)
 
     def answer(self, line, write):
         """Stream the answer to `line` through write(text); Ctrl-C ends it early. Returns the answer."""
         s, pieces = self.settings, []
         try:
             for piece in stream_text(self.model, self.tok, self.context(line), s.max_new_tokens,
-                                     stop_text=self.stop_text, temperature=s.temperature, top_k=s.top_k,
-                                     top_p=s.top_p, generator=self.generator):
+                                     stop_text=self.stop_text, stop_ids=self.stop_ids, temperature=s.temperature,
+                                     top_k=s.top_k, top_p=s.top_p, generator=self.generator):
                 pieces.append(piece)
                 write(piece)
         except KeyboardInterrupt:
             write(" [stopped]")
-        self.turns.append(line + "\n" + "".join(pieces) + "\n\n")
+        self.turns.append((line, "".join(pieces)))
         return "".join(pieces)
+
+    def set_system(self, text):
+        if self.chat_tokens is None:
+            return "not changed: /system needs a chat run (this tokenizer has no chat tokens)"
+        self.system = text
+        return f"system: {text}" if text else "(system message removed)"
 
     def command(self, line):
         """Apply a slash command; returns the message to show, or None for /quit."""
@@ -94,6 +125,8 @@ class Chat:
         if name == "/reset":
             self.turns = []
             return "(conversation forgotten)"
+        if name == "/system":
+            return self.set_system(value.strip())
         if name not in COMMANDS:
             return f"unknown command {name}: /help lists them"
         field, kind = COMMANDS[name]
@@ -149,8 +182,8 @@ def build_parser():
     p.add_argument("--max-new-tokens", type=int, default=Settings.max_new_tokens,
                    help="longest answer (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--stop", default="\\n\\n",
-                   help='an answer ends at this text (default: "%(default)s"; "" for none)')
+    p.add_argument("--stop", default=None, help='an answer ends at this text (default: a blank line, "\\n\\n", '
+                   'on a base run; none on a chat run, whose answers end at <|end|>; "" for none)')
     p.add_argument("--device", default="cpu", help="auto | cpu | cuda | mps (default: %(default)s)")
     return p
 
@@ -171,9 +204,11 @@ def main(argv=None):
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:  # not on every platform; input() works without it
             pass
-    stop = args.stop.replace("\\n", "\n").replace("\\t", "\t") or None
-    print(f"{args.run}: context {context_window(model)} tokens. /help for commands, Ctrl-D to leave.")
-    chat_loop(Chat(model, tok, settings, stop))
+    stop = args.stop.replace("\\n", "\n").replace("\\t", "\t") if args.stop is not None else None
+    chat = Chat(model, tok, settings, stop)
+    kind = "a chat run, taking turns" if chat.chat_tokens else "a base run, continuing your text"
+    print(f"{args.run}: {kind}; context {context_window(model)} tokens. /help for commands, Ctrl-D to leave.")
+    chat_loop(chat)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import sys
 import torch
 
 from checkpoint import load_run, resolve_run_dir
-from dataset import (as_tensor, encode_cached, parts_text, recorded_sources, resolve_paths, scan_source,
+from dataset import (CACHE_DIR, as_tensor, encode_cached, parts_text, recorded_sources, resolve_paths, scan_source,
                      split_parts)
 from sample import generate, prompt_ids
 
@@ -86,8 +86,8 @@ def evaluate_text(model, tok, text, block_size, stride=None, batch_size=32, devi
 def run_sources(config):
     """The run's sources, checked unchanged; a run from before sources were recorded names its --data."""
     if "data" in config:
-        return recorded_sources(config["data"])
-    return [scan_source(p) for p in resolve_paths(config["args"]["data"])]
+        return recorded_sources(config["data"], CACHE_DIR)
+    return [scan_source(p, CACHE_DIR) for p in resolve_paths(config["args"]["data"])]
 
 
 def split_of(config, split, sources=None):

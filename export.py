@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 
 from bpe_tokenizer import GPT4_SPLIT_PATTERN, SPM_LOSSLESS, HFTokenizer, byte_to_unicode, load_tokenizer
 from char_tokenizer import UNK, UNK_TEXT
+from chat_format import END, chat_ids
 from checkpoint import (WEIGHTS, atomic_write, build_model, load_weights, model_config_dict, read_config,
                         resolve_run_dir, save_run_files, save_weights, write_json)
 from components import NORM_EPS, parse_rope_scaling, rope_frequencies
@@ -249,6 +250,7 @@ def hf_tokenizer(tok):
         out = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
         out.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every code point alone
         out.decoder = decoders.Fuse()  # join the pieces without the spaces WordLevel would put between them
+        out.add_special_tokens([AddedToken(s, special=True) for s in tok.special_tokens])  # chat tokens, after <unk>
     elif tok.kind == "bpe":
         spelled = bpe_spellings(tok)
         out = Tokenizer(models.BPE({s: i for i, s in enumerate(spelled)}, [(spelled[a], spelled[b]) for a, b in tok.merges]))
@@ -274,13 +276,25 @@ def hf_tokenizer(tok):
     return out
 
 
+# chat_format.render_chat as a Jinja template, the form apply_chat_template and llama.cpp read
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '" + END + "' }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
 def tokenizer_config(tok, hf_tok, block_size):
-    """tokenizer_config.json: the plain fast tokenizer over tokenizer.json; special tokens by name, or None."""
+    """tokenizer_config.json: the plain fast tokenizer over tokenizer.json; special tokens by name, or None;
+    a chat run's template."""
     name = {k: None if i is None else hf_tok.id_to_token(i)
             for k, i in (("bos", tok.bos_id), ("eos", tok.eos_id), ("pad", tok.pad_id), ("unk", tok.unk_id))}
     return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
             "clean_up_tokenization_spaces": False,  # it would turn " ." into "." and break the round trip
-            **{f"{k}_token": v for k, v in name.items()}}
+            **{f"{k}_token": v for k, v in name.items()}, **({"chat_template": CHAT_TEMPLATE} if chat_ids(tok) else {})}
+
+
+def stop_ids(tok):
+    """The ids generation stops at: the end of a turn in a chat run, else EOS (None: none)."""
+    chat = chat_ids(tok)
+    return [chat[END]] if chat else tok.eos_id
 
 
 # --- Export and import --------------------------------------------------------------------------------------
@@ -321,7 +335,7 @@ def export_hf(run_dir, out_dir):
     atomic_write(out / "tokenizer.json", lambda tmp: hf_tok.save(str(tmp)))
     write_json(out / "tokenizer_config.json", tokenizer_config(tok, hf_tok, model.config.block_size))
     write_json(out / "generation_config.json",
-               {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id})
+               {"bos_token_id": tok.bos_id, "eos_token_id": stop_ids(tok), "pad_token_id": tok.pad_id})
     return out
 
 
@@ -514,8 +528,8 @@ def gguf_vocab(tok, TokenType):
         spelled = ["".join(char[b] for b in c.encode("utf-8")) for c in tok.chars]
         # "猫" is 3 bytes: merges (b1, b2), then (b1b2, b3); shorter prefixes first, each pair once
         merges = dict.fromkeys(f"{s[:n - 1]} {s[n - 1]}" for n in range(2, 5) for s in spelled if len(s) >= n)
-        types = [TokenType.NORMAL] * len(spelled) + [TokenType.UNKNOWN]
-        return "gpt2", "default", spelled + [UNK], types, None, list(merges)
+        types = [TokenType.NORMAL] * len(spelled) + [TokenType.UNKNOWN] + [TokenType.CONTROL] * len(tok.special_tokens)
+        return "gpt2", "default", [*spelled, UNK, *tok.special_tokens], types, None, list(merges)
     raise ValueError(f"a {tok.kind!r} tokenizer has no GGUF form here: export --format hf")
 
 
@@ -579,6 +593,9 @@ def export_gguf(run_dir, path):
             w.add_token_merges(merges)
         for key, i in special.items():
             getattr(w, f"add_{key}_token_id")(i)
+        if chat_ids(tok):  # llama.cpp renders the template and ends a reply at end-of-turn
+            w.add_chat_template(CHAT_TEMPLATE)
+            w.add_eot_token_id(chat_ids(tok)[END])
         w.add_add_bos_token(False)  # our encode adds no BOS; llama.cpp's default would prepend one
         w.add_add_eos_token(False)
         if model_name == "llama":
@@ -646,6 +663,7 @@ def llama2c_vocab(tok):
         vocab = [(unk, unk, UNK_TEXT.encode(), 0.0), (start, unk, b"<s>", 0.0), (unk, unk, b"</s>", 0.0)]
         vocab += [(unk, unk, f"<0x{b:02X}>".encode(), 0.0) for b in range(256)]
         vocab += [(i, i, c.encode("utf-8"), 0.0) for i, c in enumerate(tok.chars)]
+        vocab += [(i, i, s.encode(), 0.0) for s, i in tok.special_tokens.items()]  # a chat run's tokens
     else:
         raise ValueError(f"a {tok.kind!r} tokenizer has no llama2.c form here: export --format hf")
     if not any(piece == b" " for _, _, piece, _ in vocab):

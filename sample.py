@@ -217,33 +217,47 @@ def held_back(text, stop_text):
     return 0
 
 
-def stream_text(model, tok, prompt, max_new_tokens, stop_text=None, **kwargs):
-    """Yield printable pieces of the continuation of `prompt`, ending before `stop_text` or EOS.
+def first_stop(text, stops):
+    """Where the earliest of the texts `stops` begins in `text`, or −1: first_stop("ab\n\nc", ["\n\n"]) = 2."""
+    return min((at for at in (text.find(s) for s in stops) if at >= 0), default=-1)
 
-    Text that may be the beginning of `stop_text` is held back until it is known
-    not to be, so no part of the stop text is ever printed.
+
+def stream_text(model, tok, prompt, max_new_tokens, stop_text=None, stop_ids=(), **kwargs):
+    """Yield printable pieces of the continuation of `prompt`, ending before a stop text, a stop id or EOS.
+
+    `prompt` is text, or a list of ids already encoded (a chat template's);
+    `stop_text` one text or a list of them; `stop_ids` ids that end the answer
+    unprinted, as EOS does. Text that may be the beginning of a stop text is held
+    back until it is known not to be, so no part of a stop text is ever printed.
+    The generator returns (read it with `yield from`) why it ended and how many
+    tokens it generated, the stopping one included: ("stop" | "length", n).
     """
     decoder = StreamDecoder(tok)
-    idx = torch.tensor([prompt_ids(tok, prompt)], dtype=torch.long, device=next(model.parameters()).device)
-    stop_ids = [tok.eos_id] if tok.eos_id is not None else []
-    pending = ""  # decoded text not yet yielded
+    ids = prompt_ids(tok, prompt) if isinstance(prompt, str) else list(prompt)
+    idx = torch.tensor([ids], dtype=torch.long, device=next(model.parameters()).device)
+    stops = [s for s in ([stop_text] if isinstance(stop_text, str) else stop_text or []) if s]
+    stop_ids = {*stop_ids, *([tok.eos_id] if tok.eos_id is not None else [])}
+    pending, n_tokens, finish = "", 0, "length"  # pending: decoded text not yet yielded
     for token in stream_generate(model, idx, max_new_tokens, stop_ids=stop_ids, **kwargs):
+        n_tokens += 1
         if token in stop_ids:
+            finish = "stop"
             break
         pending += decoder.push(token)
-        if stop_text:
-            cut = pending.find(stop_text)
-            if cut >= 0:
-                yield pending[:cut]
-                return
-            ready = len(pending) - held_back(pending, stop_text)
-        else:
-            ready = len(pending)
+        cut = first_stop(pending, stops)
+        if cut >= 0:
+            yield pending[:cut]
+            return "stop", n_tokens
+        ready = len(pending) - max((held_back(pending, s) for s in stops), default=0)
         if ready:
             yield pending[:ready]
             pending = pending[ready:]
     pending += decoder.flush()
-    yield pending[:pending.find(stop_text)] if stop_text and stop_text in pending else pending
+    cut = first_stop(pending, stops)
+    if cut >= 0:
+        pending, finish = pending[:cut], "stop"
+    yield pending
+    return finish, n_tokens
 
 
 def build_parser():

@@ -197,6 +197,7 @@ def test_memory_stays_flat_as_the_input_grows(tmp_path, monkeypatch):
     ("sjis.txt", "ab\ncd\n".encode() + "日本".encode("shift_jis"), r"^error: sjis\.txt: not UTF-8 at byte 6 \(line 3\)"),
     ("bad.jsonl", b'{"text": "ok"}\n{"text": \n', r"^error: bad\.jsonl line 2: not JSON"),
     ("shape.jsonl", b'{"prompt": "hi"}\n', r"^error: shape\.jsonl line 1: expected"),
+    ("blank.txt", b" \n\t\n", r"^error: blank\.txt: cleaning kept none of its 2 lines \(2 too short, 0 repeats, 0 in"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(tmp_path, monkeypatch, capsys, name, data, message):
     monkeypatch.chdir(tmp_path)
@@ -234,3 +235,11 @@ def test_clean_files_matches_clean_lines(tmp_path):
     kept, expected = clean_lines(lines)
     assert report == expected
     assert (tmp_path / "o.txt").read_text(encoding="utf-8").splitlines() == kept == ["ABC", "x", "猫です"]
+
+
+def test_a_file_that_cleaning_leaves_empty_names_itself_and_writes_nothing(tmp_path):
+    (tmp_path / "a.txt").write_text("hello\nworld\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("world\nhello\n", encoding="utf-8")  # repeats of a.txt's lines only
+    with pytest.raises(ValueError, match=r"b\.txt: cleaning kept none of its 2 lines \(0 too short, 2 repeats"):
+        clean_files([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "o.txt", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt"]

@@ -14,7 +14,8 @@ import torch
 
 import dataset
 from char_tokenizer import CharTokenizer
-from dataset import BlockDataset, encode_cached, get_batch, read_text, split_text
+from dataset import encode_cached, get_batch, read_text, split_text
+from training_loop import BlockDataset, epoch_batches
 
 ROOT = Path(__file__).resolve().parent
 
@@ -101,20 +102,20 @@ def test_offline_fetch_says_where_to_put_the_file(tmp_path):
 
 def test_epoch_batches_see_every_block_once_per_epoch_and_resume():
     data = torch.arange(161, dtype=torch.int32)  # 16 blocks of 10
-    stream = dataset.epoch_batches(data, 10, batch_size=4, seed=1, workers=0)
+    stream = epoch_batches(data, 10, batch_size=4, seed=1, workers=0)
     first_epoch = [next(stream) for _ in range(4)]
     starts = sorted(int(x[i, 0]) for x, _ in first_epoch for i in range(4))
     assert starts == list(range(0, 160, 10))
     assert all(torch.equal(y, x + 1) for x, y in first_epoch)
     second_epoch = [next(stream)[0] for _ in range(4)]
     assert [int(x[0, 0]) for x in second_epoch] != [int(x[0, 0]) for x, _ in first_epoch]  # reshuffled
-    resumed = dataset.epoch_batches(data, 10, batch_size=4, seed=1, start=6, workers=0)
+    resumed = epoch_batches(data, 10, batch_size=4, seed=1, start=6, workers=0)
     assert torch.equal(next(resumed)[0], second_epoch[2])  # batch 6 = the third of epoch two
 
 
 def test_epoch_batches_shard_across_ranks_through_worker_processes():
     data = torch.arange(161, dtype=torch.int32)
-    ranks = [dataset.epoch_batches(data, 10, batch_size=2, seed=0, rank=r, world=2, workers=1) for r in (0, 1)]
+    ranks = [epoch_batches(data, 10, batch_size=2, seed=0, rank=r, world=2, workers=1) for r in (0, 1)]
     seen = [{int(x[i, 0]) for _ in range(4) for x in [next(stream)[0]] for i in range(2)} for stream in ranks]
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 16
 
@@ -258,6 +259,24 @@ def test_a_second_encoding_of_the_same_data_tokenizes_nothing(tmp_path, monkeypa
     with pytest.raises(AssertionError, match="tokenized again"):
         dataset.encode_parts(dataset.split_parts([dataset.scan_source(tmp_path / "t.txt")], 0), tok,
                              cache_dir=tmp_path)
+
+
+def test_a_scan_is_remembered_while_size_and_time_stay_and_never_for_a_file_written_just_now(tmp_path):
+    path, memo = tmp_path / "t.txt", tmp_path / "memo"
+    path.write_text("hello world\n" * 50)
+    fresh = dataset.scan_source(path, memo)
+    assert not list(memo.glob("scan-*"))  # its time could still come back unchanged after an edit
+    os.utime(path, (time.time() - 10,) * 2)
+    scanned = dataset.scan_source(path, memo)
+    assert scanned == fresh and len(list(memo.glob("scan-*"))) == 1
+    stamp = path.stat().st_mtime_ns
+    path.write_text("HELLO WORLD\n" * 50)  # same size
+    os.utime(path, ns=(stamp, stamp))  # and the same time: trusted, as make would
+    assert dataset.scan_source(path, memo).sha256 == fresh.sha256
+    os.utime(path, (time.time() - 5,) * 2)  # a new time: read again
+    again = dataset.scan_source(path, memo)
+    assert again.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() != fresh.sha256
+    assert again.marks == fresh.marks and again.chars == fresh.chars
 
 
 def test_a_large_vocabulary_is_stored_as_uint32(tmp_path):

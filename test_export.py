@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from bigram_lm import BigramLM
 from bpe_tokenizer import BPETokenizer, SentencePieceTokenizer
 from char_tokenizer import CharTokenizer
+from chat_format import add_chat_tokens, chat_ids, encode_chat, render_chat
 from checkpoint import WEIGHTS, load_run, model_config_dict, save_run_files, save_weights
 from export import export_hf, hf_tokenizer, import_hf, main
 from sample import generate
@@ -107,6 +108,26 @@ def test_transformers_tokenizer_gives_our_ids(tmp_path, tokenizers, kind):
     assert hf_tok.decode(tok.encode(ENGLISH)) == ENGLISH
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
     assert hf_tok.unk_token_id == tok.unk_id
+
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "猫 or dogs?"},
+        {"role": "assistant", "content": "Cats, the king says."}, {"role": "user", "content": "Why?\n"}]
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "spm"])
+def test_a_chat_run_exports_its_template_and_stops_at_the_end_of_a_turn(tmp_path, tokenizers, kind):
+    tok = add_chat_tokens(tokenizers[kind])
+    make_run(tmp_path / "run", tok, "llama")
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for prompt in (False, True):
+        assert hf_tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=prompt) == \
+            render_chat(CHAT, add_generation_prompt=prompt)
+        ids = hf_tok.apply_chat_template(CHAT, add_generation_prompt=prompt, return_dict=True)["input_ids"]
+        assert ids == encode_chat(tok, CHAT, add_generation_prompt=prompt)[0]
+    end = chat_ids(tok)["<|end|>"]
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "hf").eos_token_id == [end]
+    assert hf_tok.decode([end]) == "<|end|>"
 
 
 @settings(max_examples=150, deadline=None)

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from bpe_tokenizer import BPETokenizer
+from chat_format import add_chat_tokens, chat_ids, render_chat
 from export import export_gguf, export_llama2c, main
 from sample import generate, prompt_ids
-from test_export import EMOJI, ENGLISH, JAPANESE, TEXT, make_run, run_main, tokenizers  # noqa: F401 (fixture)
+from test_export import CHAT, EMOJI, ENGLISH, JAPANESE, TEXT, make_run, run_main, tokenizers  # noqa: F401 (fixture)
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -374,3 +375,14 @@ def test_llama2c_pads_a_char_vocabulary_and_keeps_the_head_apart(tmp_path, token
     assert np.allclose(w["emb"][1], emb[tok.encode("\n")[0]]) and np.allclose(w["cls"][1], emb[tok.unk_id])
     assert pieces[3 + 0xE3] == b"<0xE3>" and pieces[259:] == [c.encode() for c in tok.chars]
     assert model.config.tie_weights
+
+
+def test_a_chat_run_carries_its_template_and_end_of_turn_into_gguf(tmp_path, tokenizers):
+    tok = add_chat_tokens(tokenizers["bpe"])
+    make_run(tmp_path / "run", tok, "llama")
+    export_gguf(tmp_path / "run", tmp_path / "chat.gguf")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="chat.gguf")
+    assert hf_tok.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True) == \
+        render_chat(CHAT, add_generation_prompt=True)
+    field = gguf.GGUFReader(tmp_path / "chat.gguf").fields["tokenizer.ggml.eot_token_id"]
+    assert int(field.parts[field.data[0]][0]) == chat_ids(tok)["<|end|>"]

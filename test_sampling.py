@@ -212,6 +212,29 @@ def test_stop_text_is_never_printed_even_in_part():
     assert sample.held_back("to be\n", "\n\n") == 1 and sample.held_back("to be", "\n\n") == 0
 
 
+def finished(pieces):
+    """All the pieces of a stream_text generator and what it returned: (text, (finish, n_tokens))."""
+    text = []
+    while True:
+        try:
+            text.append(next(pieces))
+        except StopIteration as end:
+            return "".join(text), end.value
+
+
+def test_several_stop_texts_stop_ids_and_why_the_text_ended():
+    tok = CharTokenizer.train("abcde")
+    model = scripted_bigram(tok, {"a": "b", "b": "c", "c": "d", "d": "e", "e": "a"})  # "a" -> "bcdeabcde…"
+    greedy = dict(temperature=0)
+    assert finished(stream_text(model, tok, "a", 4, **greedy)) == ("bcde", ("length", 4))
+    assert finished(stream_text(model, tok, "a", 9, stop_text=["ea", "cd"], **greedy)) == ("b", ("stop", 3))
+    assert finished(stream_text(model, tok, "a", 9, stop_text=["dea", "e"], **greedy)) == ("bcd", ("stop", 4))
+    stop_id = tok.encode("d")[0]
+    assert finished(stream_text(model, tok, "a", 9, stop_ids=[stop_id], **greedy)) == ("bc", ("stop", 3))
+    assert finished(stream_text(model, tok, tok.encode("ca"), 3, **greedy)) == ("bcd", ("length", 3))
+    assert finished(stream_text(model, tok, "a", 3, stop_text="cd", **greedy)) == ("b", ("stop", 3))
+
+
 def write_run(run_dir, model, tok):
     config = {"model": model_config_dict(model), "block_size": model.config.block_size, "tokenizer": "char",
               "tokenizer_file": "tokenizer.json"}

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -302,17 +303,25 @@ def test_data_from_many_sources_is_recorded_read_in_place_and_resumed(tmp_path, 
         assert stop.value.code == 2 and len(err) == 1 and message in err[0], err
 
 
-def test_data_tokenized_once_serves_a_second_run(tmp_path, corpus, monkeypatch):
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_data_tokenized_once_serves_a_second_run_that_reads_no_text(tmp_path, corpus, monkeypatch, kind):
     import dataset
     monkeypatch.chdir(tmp_path)
-    run_train(tmp_path, "--steps", "2", "--eval-interval", "2")
+    old = corpus.stat().st_mtime - 10
+    os.utime(corpus, (old, old))  # a file written just now is re-read every time (see dataset.scan_source)
+    flags = ["--steps", "2", "--eval-interval", "2", "--tokenizer", kind, "--vocab-size", "300"]
+    run_train(tmp_path, *flags)
     cache = sorted(p.name for p in (tmp_path / "out" / "cache").glob("*.npy"))
 
-    def no_tokenizing(*args):
-        raise AssertionError("tokenized again")
-    monkeypatch.setattr(dataset, "write_ids", no_tokenizing)
-    run_train(tmp_path, "--steps", "2", "--eval-interval", "2", "--out", str(tmp_path / "again"))
+    def no_reading(*args):
+        raise AssertionError("read again")
+    monkeypatch.setattr(dataset, "write_ids", no_reading)
+    monkeypatch.setattr(dataset, "_blocks", no_reading)  # every read of a data file goes through it
+    run_train(tmp_path, *flags, "--out", str(tmp_path / "again"))
     assert sorted(p.name for p in (tmp_path / "out" / "cache").glob("*.npy")) == cache and len(cache) == 2
+    corpus.write_text(TEXT.upper(), encoding="utf-8")  # same size, a new time: scanned and tokenized anew
+    with pytest.raises(AssertionError, match="read again"):
+        run_train(tmp_path, *flags, "--out", str(tmp_path / "third"))
 
 
 def test_bad_data_sources_exit_2_with_one_line(tmp_path, monkeypatch, capsys):

@@ -23,11 +23,11 @@ import torch
 import checkpoint as ckpt
 from bigram_lm import BigramLM
 from bpe_tokenizer import TOKENIZER_FILES, load_tokenizer, train_tokenizer
-from dataset import (CACHE_DIR, DEFAULT_CORPUS, as_tensor, default_workers, encode_parts, epoch_batches, get_batch,
-                     parts_text, recorded_sources, resolve_paths, sample_text, scan_source, split_bounds,
-                     split_parts)
-from training_loop import (LoopState, TrainConfig, TrainingDiverged, add_dataclass_flags, flag, make_optimizer,
-                           pick_dtype, restore, saver, seed_everything, train_loop)
+from dataset import (CACHE_DIR, DEFAULT_CORPUS, SAMPLE_WINDOWS, TOKENIZER_SAMPLE_CHARS, as_tensor, default_workers,
+                     encode_parts, get_batch, parts_key, parts_text, recorded_sources, resolve_paths, sample_text,
+                     scan_source, split_bounds, split_parts)
+from training_loop import (LoopState, TrainConfig, TrainingDiverged, add_dataclass_flags, epoch_batches, flag,
+                           make_optimizer, pick_dtype, restore, saver, seed_everything, train_loop)
 from transformer import PRESETS, ModelConfig, Transformer
 
 # A bigram table learns from zero, one logit at a time: it wants a larger step and no decay.
@@ -94,16 +94,18 @@ def check_sources_fit(sources, block_size):
                              f"is fewer than one block ({block_size + 1}); use more text or a smaller --block-size")
 
 
-def cached_tokenizer(kind, text, vocab_size):
-    """Train a tokenizer on `text`, or reuse the one trained before on the same text and settings."""
-    if kind == "char":
-        return train_tokenizer(kind, text, vocab_size)
-    key = hashlib.sha256(f"{kind}:{vocab_size}:".encode() + text.encode("utf-8")).hexdigest()[:24]
-    path = CACHE_DIR / f"tokenizer-{key}-{TOKENIZER_FILES[kind]}"
+def cached_tokenizer(kind, train_parts, vocab_size):
+    """Train a tokenizer on `tokenizer_text(kind, train_parts)`, or reuse the one trained before on the same
+    parts and settings: the key names the parts (their sources' SHA-256 and ranges), so a second run on a
+    large corpus reads none of its text again."""
+    vocab_size = 0 if kind == "char" else vocab_size  # the char vocabulary is the text's
+    settings = f"{kind}:{vocab_size}:{TOKENIZER_SAMPLE_CHARS}:{SAMPLE_WINDOWS}:".encode()
+    path = CACHE_DIR / f"tokenizer-{hashlib.sha256(settings + parts_key(train_parts)).hexdigest()[:24]}-" \
+                       f"{TOKENIZER_FILES[kind]}"
     if path.exists():
         print(f"reusing the {kind} tokenizer trained before ({path})")
         return load_tokenizer(path)
-    tok = train_tokenizer(kind, text, vocab_size)
+    tok = train_tokenizer(kind, tokenizer_text(kind, train_parts), vocab_size)
     ckpt.atomic_write(path, tok.save)
     return tok
 
@@ -191,7 +193,7 @@ def batch_stream(args, ids, block_size, batch_size, rank, world, start, device):
 
     Random offsets: micro-batch i of rank r is drawn from its own seed (seed, r, i), so a
     resumed run, or any rank, starts at batch i with no generator state to restore.
-    Epochs: the DataLoader path of dataset.epoch_batches, which skips to batch i itself.
+    Epochs: the DataLoader path of training_loop.epoch_batches, which skips to batch i itself.
     """
     if args["sampler"] == "epoch":
         batches = epoch_batches(ids, block_size, batch_size, args["seed"], rank, world, start, args["workers"])
@@ -217,14 +219,14 @@ def run(argv=None):
 
     saved = ckpt.read_config(run_dir) if args["resume"] else {}
     # A resumed run reads the very files it recorded, checked unchanged; a new one resolves --data.
-    sources = recorded_sources(saved["data"]) if "data" in saved else [scan_source(p) for p in
-                                                                       resolve_paths(args["data"])]
+    sources = recorded_sources(saved["data"], CACHE_DIR) if "data" in saved else [
+        scan_source(p, CACHE_DIR) for p in resolve_paths(args["data"])]
     train_parts = split_parts(sources, 0)
     if args["resume"]:
         tok = load_tokenizer(run_dir / TOKENIZER_FILES[args["tokenizer"]])
         model, block_size = ckpt.build_model(saved["model"]), saved["block_size"]
     else:
-        tok = cached_tokenizer(args["tokenizer"], tokenizer_text(args["tokenizer"], train_parts), args["vocab_size"])
+        tok = cached_tokenizer(args["tokenizer"], train_parts, args["vocab_size"])
         model, block_size = build_model(args, tok.vocab_size)
     check_sources_fit(sources, block_size)
     workers = default_workers() if args["workers"] is None else args["workers"]

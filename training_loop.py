@@ -5,9 +5,10 @@ The model only has to answer `logits, loss = model(x, y)`; the loop owns the
 rest: AdamW with weight decay on matrices only, linear warm-up then cosine
 decay (over steps, or over wall-clock time with `max_time`), gradient
 accumulation, mixed precision, a NaN guard, periodic evaluation, early
-stopping, `metrics.jsonl`, a tqdm bar and a loss plot. Its run-directory
-half, `saver` and `restore`, writes and reads back the checkpoints, so that
-train.py and finetune.py save and resume alike.
+stopping, `metrics.jsonl`, a tqdm bar and a loss plot. Batches come from
+`dataset.get_batch` (random offsets) or `epoch_batches` (shuffled epochs).
+Its run-directory half, `saver` and `restore`, writes and reads back the
+checkpoints, so that train.py and finetune.py save and resume alike.
 
 New since stage 7: the optimizer and schedule (14), evaluation during
 training (8), precision and accumulation (21), distributed-aware logging (22).
@@ -32,7 +33,54 @@ import torch
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from dataset import atomic_write
+from dataset import atomic_write, default_workers
+
+
+class BlockDataset(torch.utils.data.Dataset):
+    """Blocks of `block_size` tokens taken every `stride` tokens, as (x, y) pairs.
+
+    stride = block_size (the default) tiles the data with no overlap and no
+    position wasted: every token is a target exactly once (the first is only an input).
+    """
+
+    def __init__(self, data, block_size, stride=None):
+        self.data, self.block_size = data, block_size
+        self.stride = stride or block_size
+        if len(data) < block_size + 1:
+            raise ValueError(f"{len(data)} tokens are fewer than one block needs ({block_size + 1})")
+        self.n = (len(data) - 1 - block_size) // self.stride + 1
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        start = i * self.stride
+        window = torch.from_numpy(np.asarray(self.data[start:start + self.block_size + 1]).astype(np.int64))
+        return window[:-1], window[1:]
+
+
+def epoch_batches(data, block_size, batch_size, seed=0, rank=0, world=1, start=0, workers=None):
+    """Shuffled epochs over non-overlapping blocks, through a DataLoader: yields (x, y) forever.
+
+    The alternative to `get_batch`'s random offsets: each epoch sees every block
+    exactly once. Epoch e is shuffled by seed (seed, e) and dealt out to the
+    `world` ranks in disjoint shards; `start` skips that many batches (resume).
+    """
+    blocks = BlockDataset(data, block_size)
+    per_epoch = len(blocks) // world // batch_size
+    if per_epoch < 1:
+        raise ValueError(f"{len(blocks)} blocks make no batch of {batch_size} per process: "
+                         f"lower --batch-size or use --sampler random")
+    epoch, skip = divmod(start, per_epoch)
+    workers = default_workers() if workers is None else workers
+    while True:
+        generator = torch.Generator().manual_seed(hash((seed, epoch)))
+        order = torch.randperm(len(blocks), generator=generator)
+        shard = order[rank::world][skip * batch_size:per_epoch * batch_size].tolist()
+        # Its own generator also keeps the DataLoader from drawing on torch's global RNG (dropout's).
+        yield from torch.utils.data.DataLoader(torch.utils.data.Subset(blocks, shard), batch_size=batch_size,
+                                               num_workers=workers, generator=generator)
+        epoch, skip = epoch + 1, 0
 
 
 @dataclass
