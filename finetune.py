@@ -42,11 +42,13 @@ from training_loop import (LoopState, TrainConfig, TrainingDiverged, add_datacla
                            pick_dtype, restore, saver, seed_everything, train_loop)
 from transformer import Transformer
 
-# Measured on the README's chat recipe: a peak of 3e-3, pretraining's, beat 1e-3 (held-out assistant loss 1.79
-# against 2.09 after 300 of 400 steps); a short warm-up; no weight decay, which would pull the pretrained weights
-# toward zero rather than toward anything the chats teach (nanochat's SFT uses none either).
-FINETUNE_DEFAULTS = {"steps": 300, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 30, "weight_decay": 0.0,
-                     "batch_size": 16, "eval_interval": 100, "eval_iters": 10}
+# Measured on the README's chat recipe (5 minutes of fine-tuning on one thread): a peak of 3e-3, pretraining's, beat
+# 1e-3 (held-out assistant loss 1.79 against 2.09 after 300 steps), and batches of 8 (1,300 steps) beat 16 (560
+# steps): held-out 3.97 against 4.08, Japanese facts 99 % against 76 %, name recall 98/94 % against 92/76 %. A short
+# warm-up; no weight decay, which would pull the pretrained weights toward zero rather than toward anything the
+# chats teach (nanochat's SFT uses none either).
+FINETUNE_DEFAULTS = {"steps": 1300, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 30, "weight_decay": 0.0,
+                     "batch_size": 8, "eval_interval": 100, "eval_iters": 10}
 RUN_FLAGS = ("base", "data", "synthetic", "max_chats", "heldout", "seed", "from_scratch", "lora_rank",
              "lora_alpha", "lora_dropout", "lora_targets")  # fixed for a run's life
 
@@ -116,6 +118,8 @@ def resolve_args(argv):
     if not 0 <= args["heldout"] < 1 or args["synthetic"] < 0 or args["max_chats"] < 0:
         raise ValueError(f"need 0 <= --heldout < 1, --synthetic >= 0 and --max-chats >= 0, got {args['heldout']}, "
                          f"{args['synthetic']}, {args['max_chats']}")
+    if args["max_time"] and "steps" not in typed:
+        args["steps"] = 10**12  # a time budget alone, as in train.py: --steps would only be a cap
     args["out"] = args["out"] or str(Path("out") / "chat")
     if (Path(args["out"]) / ckpt.CONFIG).exists():
         if not overwrite:
