@@ -29,7 +29,6 @@ import copy
 import dataclasses
 import hashlib
 import random
-import sys
 from pathlib import Path
 
 import torch
@@ -38,8 +37,8 @@ import checkpoint as ckpt
 from bpe_tokenizer import TOKENIZER_FILES
 from chat_format import add_chat_tokens, encode_chat, pack_chats, read_chats
 from lora import add_lora, lora_modules, merge_lora, save_adapter
-from training_loop import (LoopState, TrainConfig, TrainingDiverged, add_dataclass_flags, flag, make_optimizer,
-                           pick_dtype, restore, saver, seed_everything, train_loop)
+from training_loop import (LoopState, TrainConfig, add_dataclass_flags, flag, make_optimizer,
+                           pick_dtype, restore, run_command, saver, seed_everything, train_loop)
 from transformer import Transformer
 
 # Measured on the README's chat recipe (5 minutes of fine-tuning on one thread): a peak of 3e-3, pretraining's, beat
@@ -405,17 +404,7 @@ def synthetic_probes(lang, n_names=100, seed=0):
 
 
 def main(argv=None):
-    try:
-        run(argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("\ninterrupted: the checkpoint was saved; continue with --resume", file=sys.stderr)
-        sys.exit(130)
+    run_command(run, argv)
 
 
 if __name__ == "__main__":

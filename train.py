@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import hashlib
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -26,8 +25,8 @@ from bpe_tokenizer import TOKENIZER_FILES, load_tokenizer, train_tokenizer
 from dataset import (CACHE_DIR, DEFAULT_CORPUS, SAMPLE_WINDOWS, TOKENIZER_SAMPLE_CHARS, as_tensor, default_workers,
                      encode_parts, get_batch, parts_key, parts_text, recorded_sources, resolve_paths, sample_text,
                      scan_source, split_bounds, split_parts)
-from training_loop import (LoopState, TrainConfig, TrainingDiverged, add_dataclass_flags, epoch_batches, flag,
-                           make_optimizer, pick_dtype, restore, saver, seed_everything, train_loop)
+from training_loop import (LoopState, TrainConfig, add_dataclass_flags, epoch_batches, flag,
+                           make_optimizer, pick_dtype, restore, run_command, saver, seed_everything, train_loop)
 from transformer import PRESETS, ModelConfig, Transformer
 
 # A bigram table learns from zero, one logit at a time: it wants a larger step and no decay.
@@ -275,17 +274,7 @@ def run(argv=None):
 
 
 def main(argv=None):
-    try:
-        run(argv)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("\ninterrupted: the checkpoint was saved; continue with --resume", file=sys.stderr)
-        sys.exit(130)
+    run_command(run, argv)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import json
 import math
 import random
 import re
+import sys
 import time
 import types
 import typing
@@ -455,6 +456,22 @@ def saver(run_dir, model, optimizer, weights_of=None):
                 and plot_note:
             print(plot_note.pop())
     return save
+
+
+def run_command(run, argv=None):
+    """A training command line's main: run(argv), a user's error one line and exit 2 (DESIGN §7), a divergence
+    exit 1, Ctrl-C (after the loop saved a checkpoint) exit 130."""
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the checkpoint was saved; continue with --resume", file=sys.stderr)
+        sys.exit(130)
 
 
 def _demo():
