@@ -38,7 +38,7 @@ from bpe_tokenizer import TOKENIZER_FILES
 from chat_format import add_chat_tokens, encode_chat, pack_chats, read_chats
 from lora import add_lora, lora_modules, merge_lora, save_adapter
 from training_loop import (LoopState, TrainConfig, add_dataclass_flags, flag, make_optimizer,
-                           pick_dtype, restore, run_command, saver, seed_everything, train_loop)
+                           parse_flags, pick_dtype, restore, run_command, saver, seed_everything, train_loop)
 from transformer import Transformer
 
 # Measured on the README's chat recipe (5 minutes of fine-tuning on one thread): a peak of 3e-3, pretraining's, beat
@@ -92,10 +92,7 @@ def build_parser(suppress=False):
 
 def resolve_args(argv):
     """Flags, with a resumed run's saved settings under the ones typed now (only training flags may change)."""
-    args = vars(build_parser().parse_args(argv))
-    typed = vars(build_parser(suppress=True).parse_args(argv))
-    overwrite = args.pop("overwrite")
-    typed.pop("overwrite", None)
+    args, typed, overwrite = parse_flags(build_parser, argv)
     if args["resume"]:
         run_dir = ckpt.resolve_run_dir(args["resume"])
         saved = ckpt.read_config(run_dir)["args"]
@@ -363,7 +360,8 @@ def facts(lang):
     """Every fact of a language as (attribute, country, value), the same for every seed."""
     rng = random.Random(0)
     return [(attribute, country, value) for i, country in enumerate(COUNTRIES[lang]) for attribute, value in
-            (("capital", CAPITALS[lang][i]), ("flag", rng.choice(COLOURS[lang])), ("animal", rng.choice(ANIMALS[lang])))]
+            (("capital", CAPITALS[lang][i]), ("flag", rng.choice(COLOURS[lang])),
+             ("animal", rng.choice(ANIMALS[lang])))]
 
 
 def fact_turns(lang, fact, phrasing):
@@ -380,7 +378,8 @@ def name_chat(lang, rng, middle=None):
     name = rng.choice(NAMES[lang])
     return ([{"role": "user", "content": rng.choice(intros).format(n=name)},
              {"role": "assistant", "content": greeting.format(n=name)}] + (middle or [])
-            + [{"role": "user", "content": rng.choice(questions)}, {"role": "assistant", "content": answer.format(n=name)}])
+            + [{"role": "user", "content": rng.choice(questions)},
+               {"role": "assistant", "content": answer.format(n=name)}])
 
 
 def synthetic_chats(n, seed):

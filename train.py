@@ -25,8 +25,8 @@ from bpe_tokenizer import TOKENIZER_FILES, load_tokenizer, train_tokenizer
 from dataset import (CACHE_DIR, DEFAULT_CORPUS, SAMPLE_WINDOWS, TOKENIZER_SAMPLE_CHARS, as_tensor, default_workers,
                      encode_parts, get_batch, parts_key, parts_text, recorded_sources, resolve_paths, sample_text,
                      scan_source, split_bounds, split_parts)
-from training_loop import (LoopState, TrainConfig, add_dataclass_flags, epoch_batches, flag,
-                           make_optimizer, pick_dtype, restore, run_command, saver, seed_everything, train_loop)
+from training_loop import (LoopState, TrainConfig, add_dataclass_flags, epoch_batches, flag, make_optimizer,
+                           parse_flags, pick_dtype, restore, run_command, saver, seed_everything, train_loop)
 from transformer import PRESETS, ModelConfig, Transformer
 
 # A bigram table learns from zero, one logit at a time: it wants a larger step and no decay.
@@ -111,10 +111,7 @@ def cached_tokenizer(kind, train_parts, vocab_size):
 
 def resolve_args(argv):
     """Flags, with a resumed run's saved settings under the ones typed now."""
-    args = vars(build_parser().parse_args(argv))
-    typed = vars(build_parser(suppress=True).parse_args(argv))
-    overwrite = args.pop("overwrite")
-    typed.pop("overwrite", None)
+    args, typed, overwrite = parse_flags(build_parser, argv)
     if args["resume"]:
         run_dir = ckpt.resolve_run_dir(args["resume"])
         config = ckpt.read_config(run_dir)

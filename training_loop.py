@@ -182,6 +182,14 @@ def autocast_for(device_type, dtype):
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
+def parse_flags(build_parser, argv):
+    """(all flags, the typed ones, --overwrite): the second parse drops defaults, to tell typed from default."""
+    args = vars(build_parser().parse_args(argv))
+    typed = vars(build_parser(suppress=True).parse_args(argv))
+    typed.pop("overwrite", None)
+    return args, typed, args.pop("overwrite")
+
+
 def pick_dtype(dtype, device):
     """The requested precision, or float32 with a note where the device lacks it."""
     if dtype == "float16" and device == "cpu":
@@ -433,10 +441,8 @@ def restore(run_dir, model, optimizer, is_main):
 
 
 def saver(run_dir, model, optimizer, weights_of=None):
-    """save(state, best_val) for the loop: latest weights, best weights, training state, plot.
-
-    weights_of(model), when given, is the module whose weights go to the .safetensors files (a LoRA run
-    saves its adapters merged); the training state always holds `model` itself, to resume it."""
+    """save(state, best_val) for the loop: latest and best weights (of `weights_of(model)` when given: a LoRA run
+    saves them merged), the training state (of `model` itself, to resume it) and the plot."""
     plot_note = ["note: pip install matplotlib to get loss.png"]  # said once
 
     def save(state, best_val):
@@ -459,8 +465,7 @@ def saver(run_dir, model, optimizer, weights_of=None):
 
 
 def run_command(run, argv=None):
-    """A training command line's main: run(argv), a user's error one line and exit 2 (DESIGN §7), a divergence
-    exit 1, Ctrl-C (after the loop saved a checkpoint) exit 130."""
+    """main() of a training command: a user's error is one line and exit 2, divergence 1, Ctrl-C 130."""
     try:
         run(argv)
     except (ValueError, FileNotFoundError) as e:
