@@ -99,10 +99,11 @@ def zero_shot(base_dir, tok):
 
 def reply_rates(model, tok, chats, n_per_lang):
     """{lang: {"n", "ends", "no_role", "language"}} over the first reply of up to n held-out conversations each,
-    plus one transcript per language."""
+    evenly spaced through the held-out ones, plus one transcript per language."""
     rates = {}
     for lang in finetune.LANGS:
-        picked = [m for m in chats if language_of(m) == lang][:n_per_lang]
+        pool = [m for m in chats if language_of(m) == lang]
+        picked = pool[::max(1, len(pool) // n_per_lang)][:n_per_lang]  # spread over every file of the language
         ends = no_role = same = 0
         for k, messages in enumerate(picked):
             prompt = messages[:next(i for i, m in enumerate(messages) if m["role"] == "assistant")]
