@@ -17,12 +17,13 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import checkpoint as ckpt
 from bigram_lm import BigramLM
 from bpe_tokenizer import TOKENIZER_FILES, load_tokenizer, train_tokenizer
-from dataset import (CACHE_DIR, DEFAULT_CORPUS, SAMPLE_WINDOWS, TOKENIZER_SAMPLE_CHARS, as_tensor, default_workers,
+from dataset import (CACHE_DIR, DEFAULT_CORPUS, SAMPLE_WINDOWS, TOKENIZER_SAMPLE_CHARS, default_workers,
                      encode_parts, get_batch, parts_key, parts_text, recorded_sources, resolve_paths, sample_text,
                      scan_source, split_bounds, split_parts)
 from training_loop import (LoopState, TrainConfig, add_dataclass_flags, epoch_batches, flag, make_optimizer,
@@ -168,7 +169,8 @@ def val_batches(ids, block_size, batch_size, n_batches, device):
                          f"({block_size + 1}); use more text or a smaller --block-size")
     want = min(n_batches * batch_size, n_blocks)
     starts = torch.linspace(0, n_blocks - 1, want).long() * block_size  # (N,)
-    window = ids[starts[:, None] + torch.arange(block_size + 1)].long()  # (N, T+1)
+    index = starts[:, None] + torch.arange(block_size + 1)  # (N, 1) + (T+1,) -> (N, T+1)
+    window = torch.from_numpy(ids[index.numpy()].astype(np.int64))  # read from the memmap: only these blocks
     xs, ys = window[:, :-1].to(device), window[:, 1:].to(device)
     return [(xs[i:i + batch_size], ys[i:i + batch_size]) for i in range(0, want, batch_size)]
 
@@ -227,7 +229,7 @@ def run(argv=None):
     check_sources_fit(sources, block_size)
     workers = default_workers() if args["workers"] is None else args["workers"]
     train_ids = encode_parts(train_parts, tok, workers=workers)  # a memmap, read in place by the batches
-    val_ids = as_tensor(encode_parts(split_parts(sources, 1), tok, workers=workers))
+    val_ids = encode_parts(split_parts(sources, 1), tok, workers=workers)  # a memmap too: only N blocks are read
     if len(train_ids) < block_size + 1:
         raise ValueError(f"the training split has {len(train_ids)} tokens, fewer than one block "
                          f"({block_size + 1}); use more text or a smaller --block-size")
