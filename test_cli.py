@@ -1,4 +1,5 @@
 """The chat, driven as a person would: through a pipe, a pseudo-terminal (Ctrl-C, Ctrl-D), and in Japanese."""
+import contextlib
 import io
 import os
 import select
@@ -164,55 +165,21 @@ class Terminal:
         return os.waitstatus_to_exitcode(done[1])
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
-def test_ctrl_c_stops_the_answer_not_the_program(run):
-    import pty
-
-    pid, fd = pty.fork()  # the child gets a terminal: Ctrl-C (byte 3) becomes SIGINT, Ctrl-D (byte 4) EOF
-    if pid == 0:
-        # As in a person's terminal, SIGINT starts at its default; a runner started in the background
-        # (`cmd &` in a script) ignores it, every child would inherit that, and Ctrl-C would do nothing.
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.execv(sys.executable, chat_command(run, "--max-new-tokens", "1000000", "--stop", ""))
-    term, status = Terminal(fd), None
-    try:
-        term.expect("> ")
-        os.write(fd, b"to be\n")
-        term.expect("to be", min_bytes=400)  # the echo, then the endless answer streaming
-        os.write(fd, b"\x03")
-        term.expect("[stopped]")
-        term.expect("> ")
-        os.write(fd, b"/max 5\n")
-        term.expect("max_new_tokens = 5")
-        os.write(fd, b"or not\n")
-        term.expect("or not")  # past the prompt this line was typed at, so the next "> " is the one after the answer
-        term.expect("> ")
-        os.write(fd, b"\x04")
-        status = term.wait_exit(pid)
-        assert status == 0
-    finally:
-        if status is None:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        os.close(fd)
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
-def test_a_chat_run_answers_in_japanese_in_a_terminal(chat_run):
+@contextlib.contextmanager
+def terminal(command):
+    """Run `command` (a Python command line) on a pseudo-terminal and yield the parent's end; at the end type
+    Ctrl-D and expect exit status 0. Through a terminal, Ctrl-C (byte 3) becomes SIGINT and Ctrl-D (byte 4) EOF."""
     import pty
 
     pid, fd = pty.fork()
     if pid == 0:
-        os.execv(sys.executable, chat_command(chat_run, "--temperature", "0"))
+        # As in a person's terminal, SIGINT starts at its default; a runner started in the background
+        # (`cmd &` in a script) ignores it, every child would inherit that, and Ctrl-C would do nothing.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.execv(sys.executable, command)
     term, status = Terminal(fd), None
     try:
-        term.expect("> ")
-        os.write(fd, "/system 日本語で\n".encode())
-        term.expect("system: 日本語で")
-        term.expect("> ")
-        os.write(fd, "猫は?\n".encode())
-        term.expect(REPLY + "\r\n> ")  # the answer ended at <|end|>: a new line and the next prompt follow
-        assert "\ufffd" not in bytes(term.seen).decode("utf-8")  # strict: a split character would raise
+        yield term
         os.write(fd, b"\x04")
         status = term.wait_exit(pid)
         assert status == 0
@@ -221,6 +188,34 @@ def test_a_chat_run_answers_in_japanese_in_a_terminal(chat_run):
             os.kill(pid, 9)
             os.waitpid(pid, 0)
         os.close(fd)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
+def test_ctrl_c_stops_the_answer_not_the_program(run):
+    with terminal(chat_command(run, "--max-new-tokens", "1000000", "--stop", "")) as term:
+        term.expect("> ")
+        os.write(term.fd, b"to be\n")
+        term.expect("to be", min_bytes=400)  # the echo, then the endless answer streaming
+        os.write(term.fd, b"\x03")
+        term.expect("[stopped]")
+        term.expect("> ")
+        os.write(term.fd, b"/max 5\n")
+        term.expect("max_new_tokens = 5")
+        os.write(term.fd, b"or not\n")
+        term.expect("or not")  # past the prompt this line was typed at, so the next "> " is the one after the answer
+        term.expect("> ")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a POSIX pseudo-terminal")
+def test_a_chat_run_answers_in_japanese_in_a_terminal(chat_run):
+    with terminal(chat_command(chat_run, "--temperature", "0")) as term:
+        term.expect("> ")
+        os.write(term.fd, "/system 日本語で\n".encode())
+        term.expect("system: 日本語で")
+        term.expect("> ")
+        os.write(term.fd, "猫は?\n".encode())
+        term.expect(REPLY + "\r\n> ")  # the answer ended at <|end|>: a new line and the next prompt follow
+        assert "\ufffd" not in bytes(term.seen).decode("utf-8")  # strict: a split character would raise
 
 
 def test_japanese_in_and_out(tmp_path, monkeypatch, capsys):
