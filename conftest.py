@@ -52,3 +52,24 @@ def shakespeare():
 @pytest.fixture
 def aozora():
     return corpus("ja_aozora.txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture
+def ctrl_c_at_batch(monkeypatch):
+    """ctrl_c_at_batch(module, n): the module's `batch_stream` raises KeyboardInterrupt, as Ctrl-C would, when the
+    n-th batch is drawn; returns a function that puts the real `batch_stream` back (for the resume)."""
+    def arm(module, n):
+        real, drawn = module.batch_stream, [0]
+
+        def interrupting_stream(*args, **kwargs):
+            next_batch = real(*args, **kwargs)
+
+            def interrupting():
+                drawn[0] += 1
+                if drawn[0] == n:
+                    raise KeyboardInterrupt
+                return next_batch()
+            return interrupting
+        monkeypatch.setattr(module, "batch_stream", interrupting_stream)
+        return lambda: monkeypatch.setattr(module, "batch_stream", real)
+    return arm

@@ -117,26 +117,14 @@ def test_a_finetune_writes_a_run_that_every_loader_accepts(base_run, tmp_path, m
 
 
 @pytest.mark.parametrize("rank", [0, 4])
-def test_resume_continues_exactly(base_run, tmp_path, monkeypatch, rank):
+def test_resume_continues_exactly(base_run, tmp_path, monkeypatch, ctrl_c_at_batch, rank):
     """A fine-tuning interrupted at step 4 (Ctrl-C) and resumed matches an uninterrupted one."""
     monkeypatch.chdir(base_run.parent)
     finetune_run(base_run, tmp_path / "straight", "--lora-rank", str(rank), "--lora-dropout", "0.1")
-    real_stream, calls = finetune.batch_stream, {"n": 0}
-
-    def interrupting_stream(*a, **k):
-        next_batch = real_stream(*a, **k)
-
-        def interrupting():
-            calls["n"] += 1
-            if calls["n"] == 5:
-                raise KeyboardInterrupt
-            return next_batch()
-        return interrupting
-
-    monkeypatch.setattr(finetune, "batch_stream", interrupting_stream)
+    disarm = ctrl_c_at_batch(finetune, 5)
     with pytest.raises(KeyboardInterrupt):
         finetune_run(base_run, tmp_path / "resumed", "--lora-rank", str(rank), "--lora-dropout", "0.1")
-    monkeypatch.setattr(finetune, "batch_stream", real_stream)
+    disarm()
     finetune.run(["--resume", str(tmp_path / "resumed")])
     straight, resumed = metrics(tmp_path / "straight"), metrics(tmp_path / "resumed")
     assert [r["step"] for r in resumed] == [r["step"] for r in straight]

@@ -80,29 +80,17 @@ def test_short_training_run_lowers_val_loss_and_writes_the_run(tmp_path, corpus,
 
 
 @pytest.mark.parametrize("sampler", ["random", "epoch"])
-def test_resume_continues_exactly(tmp_path, corpus, monkeypatch, sampler):
+def test_resume_continues_exactly(tmp_path, corpus, monkeypatch, ctrl_c_at_batch, sampler):
     """A run interrupted at step 7 (Ctrl-C) and resumed matches an uninterrupted run bit for bit."""
     monkeypatch.chdir(tmp_path)
     args = ("--steps", "14", "--eval-interval", "5", "--warmup-steps", "3", "--lr", "3e-3", "--dropout", "0.1",
             "--sampler", sampler, "--workers", "0")
     run_train(tmp_path, *args)
     straight = metrics(tmp_path / "run")
-    real_stream, calls = train.batch_stream, {"n": 0}
-
-    def interrupting_stream(*a, **k):
-        next_batch = real_stream(*a, **k)
-
-        def interrupting():
-            calls["n"] += 1
-            if calls["n"] == 8:
-                raise KeyboardInterrupt
-            return next_batch()
-        return interrupting
-
-    monkeypatch.setattr(train, "batch_stream", interrupting_stream)
+    disarm = ctrl_c_at_batch(train, 8)
     with pytest.raises(KeyboardInterrupt):
         run_train(tmp_path, *args, "--overwrite")
-    monkeypatch.setattr(train, "batch_stream", real_stream)
+    disarm()
     train.run(["--resume", str(tmp_path / "run")])
     resumed = metrics(tmp_path / "run")
     assert [r["step"] for r in resumed] == [r["step"] for r in straight]
