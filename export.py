@@ -529,7 +529,10 @@ def gguf_vocab(tok, TokenType):
         # "猫" is 3 bytes: merges (b1, b2), then (b1b2, b3); shorter prefixes first, each pair once
         merges = dict.fromkeys(f"{s[:n - 1]} {s[n - 1]}" for n in range(2, 5) for s in spelled if len(s) >= n)
         types = [TokenType.NORMAL] * len(spelled) + [TokenType.UNKNOWN] + [TokenType.CONTROL] * len(tok.special_tokens)
-        return "gpt2", "default", [*spelled, UNK, *tok.special_tokens], types, None, list(merges)
+        # an ASCII vocabulary has no merges, but llama.cpp refuses a file without any and gguf writes no empty
+        # list: one merge that never applies, as its left side "aa" is no symbol (only a merge could make one)
+        merges = list(merges) or [f"{spelled[0] * 2} {spelled[0]}"]
+        return "gpt2", "default", [*spelled, UNK, *tok.special_tokens], types, None, merges
     raise ValueError(f"a {tok.kind!r} tokenizer has no GGUF form here: export --format hf")
 
 
