@@ -31,12 +31,17 @@ back-propagation); then the state is detached. With a KV cache (generation one
 token at a time) every call of one segment reads the memory as it was at the
 segment's start, exactly as one call over the whole segment would.
 
+Training feeds a memory something to carry (`document_batches`): row b of
+every batch continues its own document where the previous batch left it, and
+forgets at the document's end; documents are the texts between blank lines.
+
 New since stage 12: a layer with state carried between forward calls.
 Run the demo: `python memory.py`
 
 Shapes: B batch, T positions of the segment, C channels, H query heads,
 G key/value heads (the memory is kept per key/value head), D head dim, N banks.
 """
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -156,6 +161,46 @@ class InfiniAttention(MultiHeadAttention):
         device = self.qkv.weight.device
         self.memory = {name: state[name].to(device) for name in expected}
         self.links = 0
+
+
+def document_starts(ids, tok):
+    """Token indices where a document starts: 0 and every token after a blank line ("\n\n").
+
+    ids: 1-D token ids (a numpy memmap is read in one pass) of the tokenizer `tok` (any with decode and
+    vocab_size). Example with characters: "ab\n\ncd" -> [0, 4].
+    """
+    ids = np.asarray(ids)
+    token_texts = [tok.decode([i]) for i in range(tok.vocab_size)]
+    ends_line = np.array([t.endswith("\n") for t in token_texts])
+    starts_line = np.array([t.startswith("\n") for t in token_texts])
+    holds_blank = np.array(["\n\n" in t for t in token_texts])
+    after = holds_blank[ids[:-1]] | (ends_line[ids[:-1]] & starts_line[ids[1:]])  # a blank line ends at token t
+    return np.concatenate([[0], np.nonzero(after)[0] + 1])
+
+
+def document_batches(ids, starts, length, batch_size, seed=0, rank=0, world=1, start=0):
+    """Consecutive pieces of documents, one document per batch row: yields (x, y, new_rows) forever.
+
+    x, y (B, length) as get_batch gives them; new_rows (B,) bool is True where the row starts a document (its
+    memory must forget). Documents shorter than length+1 tokens are skipped, and a document's last partial
+    piece too. The documents are shuffled by `seed`, dealt to ranks, then to rows; a row cycles through its own.
+    Batch i depends on i alone, so `start` skips to batch i (resume) with nothing else to restore.
+    """
+    ends = np.append(starts[1:], len(ids))
+    docs = [(s, e) for s, e in zip(starts.tolist(), ends.tolist()) if e - s >= length + 1]
+    mine = [docs[d] for d in np.random.default_rng(seed).permutation(len(docs))[rank::world]]
+    if len(mine) < batch_size:
+        raise ValueError(f"{len(mine)} documents of at least {length + 1} tokens per process, fewer than the "
+                         f"{batch_size} batch rows: lower --batch-size or --block-size, or use --sampler random")
+    rows = []  # per row: (offset of each piece, does it start a document)
+    for r in range(batch_size):
+        pieces = [(s + j * length, j == 0) for s, e in mine[r::batch_size] for j in range((e - s - 1) // length)]
+        rows.append(np.array(pieces, dtype=np.int64))  # (P_r, 2)
+    offsets = np.arange(length + 1)
+    for i in range(start, 2**62):
+        picked = np.stack([row[i % len(row)] for row in rows])  # (B, 2)
+        window = torch.from_numpy(np.asarray(ids)[picked[:, :1] + offsets].astype(np.int64))  # (B, length + 1)
+        yield window[:, :-1], window[:, 1:], torch.from_numpy(picked[:, 1].astype(bool))
 
 
 def _demo():
