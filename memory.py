@@ -174,8 +174,9 @@ def document_starts(ids, tok):
     ends_line = np.array([t.endswith("\n") for t in token_texts])
     starts_line = np.array([t.startswith("\n") for t in token_texts])
     holds_blank = np.array(["\n\n" in t for t in token_texts])
-    after = holds_blank[ids[:-1]] | (ends_line[ids[:-1]] & starts_line[ids[1:]])  # a blank line ends at token t
-    return np.concatenate([[0], np.nonzero(after)[0] + 1])
+    inside = np.nonzero(holds_blank[ids[:-1]])[0] + 1  # a token holding "\n\n": the next one starts anew
+    across = np.nonzero(ends_line[ids[:-2]] & starts_line[ids[1:-1]])[0] + 2  # "…\n" then "\n…"
+    return np.unique(np.concatenate([[0], inside, across]))
 
 
 def document_batches(ids, starts, length, batch_size, seed=0, rank=0, world=1, start=0):

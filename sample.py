@@ -157,7 +157,8 @@ def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
     from layer 2 up, a cached key was computed from tokens the new window no
     longer holds, so keeping it would give a context no recomputation sees.
     A model with memory first reads the prompt's whole segments into its memory;
-    without the cache it starts again from the memory it had, at every step.
+    without the cache it starts again from the memory it had, at every step; the
+    memory it had is put back at the end.
     """
     if idx.size(1) == 0:
         raise ValueError("the prompt is empty: give at least one token")
@@ -166,22 +167,26 @@ def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
     memory = getattr(model, "has_memory", False)
     initial = model.get_memory_state() if memory else None
     cache, cache_start = None, None
-    for _ in range(max_new_tokens):
-        start = (segment_start if memory else window_start)(idx.size(1), window)
-        if memory and (not use_cache or cache_start is None):  # (re)read the segments before this one
+    try:
+        for _ in range(max_new_tokens):
+            start = (segment_start if memory else window_start)(idx.size(1), window)
+            if memory and (not use_cache or cache_start is None):  # (re)read the segments before this one
+                model.set_memory_state(initial)
+                if start > 0:
+                    model(idx[:, :start])  # the model reads it segment by segment
+            if not use_cache:
+                logits, _ = model(idx[:, start:])  # recompute the whole window
+            elif start != cache_start:  # the first step, or the window jumped: prefill it into a fresh cache
+                cache, cache_start = new_cache(model, idx.size(0)), start
+                logits, _ = model(idx[:, start:], cache=cache)  # (B, T) -> (B, T, V)
+            else:
+                logits, _ = model(idx[:, -1:], cache=cache)  # (B, 1) -> (B, 1, V): the newest token only
+            new = next_token(logits[:, -1, :], idx, **rules)  # (B,)
+            idx = torch.cat([idx, new[:, None]], dim=1)  # (B, T) -> (B, T+1)
+            yield new
+    finally:
+        if memory:  # the memory is left as it was found: an unrelated text next starts from it, not from this one
             model.set_memory_state(initial)
-            if start > 0:
-                model(idx[:, :start])  # the model reads it segment by segment
-        if not use_cache:
-            logits, _ = model(idx[:, start:])  # recompute the whole window
-        elif start != cache_start:  # the first step, or the window jumped: prefill it into a fresh cache
-            cache, cache_start = new_cache(model, idx.size(0)), start
-            logits, _ = model(idx[:, start:], cache=cache)  # (B, T) -> (B, T, V)
-        else:
-            logits, _ = model(idx[:, -1:], cache=cache)  # (B, 1) -> (B, 1, V): the newest token only
-        new = next_token(logits[:, -1, :], idx, **rules)  # (B,)
-        idx = torch.cat([idx, new[:, None]], dim=1)  # (B, T) -> (B, T+1)
-        yield new
 
 
 def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
@@ -346,7 +351,6 @@ def main(argv=None):
         sys.exit(2)
     stop = args.stop.replace("\\n", "\n").replace("\\t", "\t") if args.stop else None
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
-    initial = model.get_memory_state() if args.memory_out else None
     try:
         for i in range(args.num_samples):
             if args.num_samples > 1:
@@ -361,8 +365,7 @@ def main(argv=None):
                 sys.stdout.flush()
                 text += piece
             print()
-        if args.memory_out:  # the memory of everything this sample read, saved with its segments complete
-            model.set_memory_state(initial)
+        if args.memory_out:  # the memory of everything this sample read (generating left it as it was)
             with torch.inference_mode():
                 model(torch.tensor([prompt_ids(tok, text)], device=next(model.parameters()).device))
             save_file(model.get_memory_state(), args.memory_out)
