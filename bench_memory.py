@@ -5,7 +5,7 @@ whose works are separated by blank lines): the held-out works are the last 10% o
 
     python bench_memory.py --list         # what there is
     python bench_memory.py memory         # llama vs infini at 177 s each, memory carried vs reset, RSS, speed
-    python bench_memory.py memory-short   # the same at 60 s each
+    python bench_memory.py memory-short   # 60 s each, generation RSS at 1k and 4k tokens (a loaded machine)
 """
 import io
 import sys
@@ -32,13 +32,10 @@ def generation_tok_s(model, new_tokens=500, runs=3):
     """Tokens/s of generating from a 1-token prompt with the KV cache (median of `runs`)."""
     start, gen = torch.zeros(1, 1, dtype=torch.long), torch.Generator().manual_seed(0)
 
-    def once():
-        model.reset_memory()
-        return generate(model, start, new_tokens, generator=gen)
-    return new_tokens / median_time(once, runs)[0]
+    return new_tokens / median_time(lambda: generate(model, start, new_tokens, generator=gen), runs)[0]
 
 
-def bench_memory(budget=PRESET_BUDGET):
+def bench_memory(budget=PRESET_BUDGET, rss_tokens=RSS_TOKENS, gen_tokens=500):
     """llama vs infini trained for the same time; infini's memory carried vs reset; state bytes, RSS, speed."""
     recipes = {"llama": [*PRESET_RECIPES["llama"]],
                "infini": [*PRESET_RECIPES["llama"], "--preset", "infini", "--sampler", "documents"]}
@@ -54,7 +51,7 @@ def bench_memory(budget=PRESET_BUDGET):
         for name, r in runs.items():
             later = r.get("later_segments", {}).get("loss")
             rows.append([name, f"{r['model'].num_params():,}", r["steps"], f"{r['train_tokens'] / r['train_s']:,.0f}",
-                         f"{generation_tok_s(r['model'].eval()):,.0f}", f"{r['loss']:.4f}",
+                         f"{generation_tok_s(r['model'].eval(), gen_tokens):,.0f}", f"{r['loss']:.4f}",
                          f"{r['bits_per_char']:.3f}", "" if later is None else f"{later:.4f}"])
         rows.append(["infini, memory reset each segment", "", "", "", "", f"{reset['loss']:.4f}",
                      f"{reset['bits_per_char']:.3f}", f"{reset['later_segments']['loss']:.4f}"])
@@ -67,21 +64,22 @@ def bench_memory(budget=PRESET_BUDGET):
                 model(ids[:, :n])
             sizes.append(f"{state_bytes(model):,} after {n:,} tokens")
         rss = [run_child([sys.executable, "sample.py", "--run", f"{tmp}/infini", "--max-new-tokens", str(n),
-                          "--prompt", "　"]) for n in RSS_TOKENS]
-    print(f"{budget:.0f} s of training each (evaluation excluded), one thread; character-level ja_aozora.txt; "
+                          "--prompt", "　"]) for n in rss_tokens]
+    print(f"{budget:.0f} s of training each (evaluation excluded), one thread; generation {gen_tokens} tokens from a "
+          f"1-token prompt; character-level ja_aozora.txt; "
           f"scored over the held-out works (last 10%), each read from its start in {config['block_size']}-token "
           f"segments (llama: the same non-overlapping blocks, no memory)\n")
     print_table(["model", "params", "steps", "train tokens/s", "generate tokens/s (KV cache)", "heldout loss",
                  "bits/char", "loss, segments after a work's first"], rows)
     print(f"\ninfini memory state per sequence: {'; '.join(sizes)} bytes")
-    print_table(["tokens generated (sample.py, infini)", *map(lambda n: f"{n:,}", RSS_TOKENS)],
+    print_table(["tokens generated (sample.py, infini)", *map(lambda n: f"{n:,}", rss_tokens)],
                 [["peak RSS (MB)", *(f"{mb:,.0f}" for mb in rss)]])
     print("targets: carried below reset by ≥ 0.01 nats on segments after the first; RSS flat in the tokens")
 
 
 BENCHES["memory"] = bench_memory
-BENCHES["memory-short"] = lambda: bench_memory(60.0)
-BENCHES["memory-short"].__doc__ = "the memory benchmark at 60 s of training per model"
+BENCHES["memory-short"] = lambda: bench_memory(60.0, (1_000, 4_000), 200)
+BENCHES["memory-short"].__doc__ = "the memory benchmark at 60 s per model, RSS at 1k and 4k tokens, for a loaded machine"
 
 if __name__ == "__main__":
     main(BENCHES, __doc__)

@@ -239,7 +239,8 @@ def make_run(tmp_path, text, preset_args=()):
     return tmp_path / "run"
 
 
-def test_sample_saves_a_memory_that_another_process_continues_from(tmp_path):
+def test_sample_saves_a_memory_that_another_process_continues_from(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the token cache goes under out/
     from checkpoint import load_run
     text = "".join(chr(ord("a") + (i * 7) % 13) for i in range(4000))
     run_dir = make_run(tmp_path, text)
@@ -256,7 +257,8 @@ def test_sample_saves_a_memory_that_another_process_continues_from(tmp_path):
     torch.testing.assert_close(continued, whole[:, 64:], atol=1e-5, rtol=0)
 
 
-def test_evaluate_carries_memory_within_a_document_and_resets_between(tmp_path):
+def test_evaluate_carries_memory_within_a_document_and_resets_between(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     from checkpoint import load_run
     from evaluate import evaluate_text
     text = "".join(chr(ord("a") + (i * 7) % 13) for i in range(4000)) + "\n\n"
@@ -304,7 +306,8 @@ def test_document_starts_and_batches():
         next(document_batches(ids, starts, 8, 7))
 
 
-def test_documents_training_resumes_exactly(tmp_path, ctrl_c_at_batch):
+def test_documents_training_resumes_exactly(tmp_path, monkeypatch, ctrl_c_at_batch):
+    monkeypatch.chdir(tmp_path)
     import train
     from training_loop import read_metrics
     text = "\n\n".join("".join(chr(97 + (d * 3 + i * 5) % 26) for i in range(300)) for d in range(12))
