@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+
+import sample
 
 from attention import MultiHeadAttention
 from char_tokenizer import CharTokenizer
@@ -200,6 +202,7 @@ def test_kv_cache_and_memory_in_generation_equal_recomputation(layers):
     cached = generate(model, prompt, 30, temperature=0, kv_cache=True)
     recomputed = generate(model, prompt, 30, temperature=0, kv_cache=False)
     assert torch.equal(cached, recomputed)
+    assert model.get_memory_state() == {}  # generating leaves the memory as it found it: the next text is unrelated
     model.reset_memory()
     whole, _ = model(cached)  # one pass, segment by segment
     model.reset_memory()
@@ -255,6 +258,11 @@ def test_sample_saves_a_memory_that_another_process_continues_from(tmp_path, mon
     model.reset_memory()
     whole, _ = model(torch.tensor([tok.encode(first + second)]))
     torch.testing.assert_close(continued, whole[:, 64:], atol=1e-5, rtol=0)
+    save_file({"blocks.0.attn.M": torch.zeros(1, 2, 1, 4, 4)}, tmp_path / "other.st")  # another model's shape
+    for bad in ("missing.st", "other.st"):
+        with pytest.raises(SystemExit) as exit_info:
+            sample.main(["--run", str(run_dir), "--memory-in", str(tmp_path / bad), "--max-new-tokens", "1"])
+        assert exit_info.value.code == 2
 
 
 def test_evaluate_carries_memory_within_a_document_and_resets_between(tmp_path, monkeypatch):
