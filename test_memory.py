@@ -344,3 +344,10 @@ def test_config_checks_layers():
         ModelConfig(n_layer=2, layers="infini,lstm")
     assert ModelConfig(n_layer=2, layers="infini, attn").layer_kinds == ("infini", "attn")
     assert ModelConfig(n_layer=3).layer_kinds == ("attn",) * 3
+
+
+def test_no_export_format_takes_a_layer_with_memory():
+    import export
+    with pytest.raises(ValueError, match="no export format has a layer with memory"):
+        export.hf_kind(tiny())
+    assert export.hf_kind(tiny(layers=None)) == "llama"
