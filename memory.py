@@ -12,6 +12,9 @@ fixed-size memory of everything before the current segment:
               z += Σ_t σ(K_t)                            the normaliser: how much each key feature was written
     mix       A = g ⊙ A_mem + (1 − g) ⊙ A_local,  g = sigmoid(gate), one learned gate per head
 
+A segment reads, and the delta rule compares against, M and z as they were at
+the segment's start; the segment's writes then land all at once, so a token
+never reads itself or its neighbours through the memory (those it sees locally).
 A_local is the usual causal softmax attention inside the segment (with RoPE);
 the memory path has no positions (NoPE). M is D×D and z is D per head whatever
 the number of tokens read, so the state does not grow. Dividing by σ(Q)z makes
@@ -26,8 +29,10 @@ so does this file: banks written in turn already hold coarser, older summaries.
 The carried state: `self.memory` = {"M", "z", "bank"} per row of the batch
 (never shared between rows), read at the start of a forward call (a segment)
 and stored back at its end, in training and in evaluation alike. Gradient flows
-through the memory across `segments` consecutive calls (truncated
-back-propagation); then the state is detached. With a KV cache (generation one
+through the memory between the calls of a span of `segments` consecutive calls
+(truncated back-propagation through time); a new span starts from a detached
+state. train.py gives each step a window of `segments` segments (the
+Transformer reads a long input segment by segment), so each step is one span. With a KV cache (generation one
 token at a time) every call of one segment reads the memory as it was at the
 segment's start, exactly as one call over the whole segment would.
 
