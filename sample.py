@@ -39,7 +39,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 

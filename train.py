@@ -26,9 +26,9 @@ from bpe_tokenizer import TOKENIZER_FILES, load_tokenizer, train_tokenizer
 from dataset import (CACHE_DIR, DEFAULT_CORPUS, SAMPLE_WINDOWS, TOKENIZER_SAMPLE_CHARS, default_workers,
                      encode_parts, get_batch, parts_key, parts_text, recorded_sources, resolve_paths, sample_text,
                      scan_source, split_bounds, split_parts)
+from memory import document_batches, document_starts
 from training_loop import (LoopState, TrainConfig, add_dataclass_flags, epoch_batches, flag, make_optimizer,
                            parse_flags, pick_dtype, restore, run_command, saver, seed_everything, train_loop)
-from memory import document_batches, document_starts
 from transformer import PRESETS, ModelConfig, Transformer
 
 # A bigram table learns from zero, one logit at a time: it wants a larger step and no decay.
