@@ -265,8 +265,8 @@ def run(argv=None):
         net = torch.nn.parallel.DistributedDataParallel(net)
     val_set = val_batches(val_ids, window, tcfg.batch_size, tcfg.eval_iters, device)
     report = getattr(model, "moe_report", None)
-    next_batch = batch_stream(args, train_ids, window, tcfg.batch_size, rank, world,
-                              state.step * tcfg.grad_accum, device, tok)
+    next_batch = batch_stream(args, train_ids, window, tcfg.batch_size, rank, world, state.step * tcfg.grad_accum,
+                              device, *[tok] * (args["sampler"] == "documents"))  # documents: blank lines are tokens
     state = train_loop(net, optimizer, tcfg, next_batch, val_set, state=state, run_dir=run_dir,
                        save=saver(run_dir, model, optimizer), device_type=device_type, is_main=is_main,
                        world_size=world, on_eval=lambda m: report(val_set[0][0]) if report else {},
