@@ -132,13 +132,22 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x, cache=None, layer=0):
         B, T, C = x.shape
+        y, _ = self.attend(x, cache, layer)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))  # (B, H, T, D) -> (B, T, H·D = C)
+
+    def attend(self, x, cache=None, layer=0):
+        """The heads' outputs before they are joined: x (B, T, C) -> y (B, H, T, D), and the projections
+        (q (B, H, T, D), k and v (B, G, T, D)) of the new positions before RoPE, for a layer built on this one."""
+        B, T, C = x.shape
         H, G, D = self.n_head, self.n_kv_head, self.head_dim
         start = 0 if cache is None else cache.length
         qk, v = self.qkv(x).view(B, T, H + 2 * G, D).split([H + G, G], dim=2)  # (B, T, C) -> (B, T, h, D)
+        raw = qk
         if self.rotary is not None:
             qk = self.rotary(qk, start)  # queries and keys turned by position, all H + G heads in one call
         q, k = qk.split([H, G], dim=2)  # (B, T, H + G, D) -> (B, T, H, D), (B, T, G, D)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T, h, D) -> (B, h, T, D)
+        projections = [t.transpose(1, 2) for t in raw.split([H, G], dim=2)] + [v]  # (B, h, T, D) each
         scale = None  # the default, D^−0.5
         if self.scale is not None:
             q, scale = q * self.scale.view(1, H, 1, 1), 1.0  # (H,) -> (1, H, 1, 1) broadcasts
@@ -154,8 +163,7 @@ class MultiHeadAttention(nn.Module):
         else:  # a chunk after a cached prefix: is_causal would align the mask top-left, so pass it
             y = F.scaled_dot_product_attention(q, k, v, self.causal_mask_at(start, T), dropout_p, scale=scale,
                                                enable_gqa=G < H)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, H, T, D) -> (B, T, H·D = C)
-        return self.out_proj(y)
+        return y, projections
 
 
 def _demo():

@@ -20,8 +20,10 @@ import torch.nn.functional as F
 
 from attention import MultiHeadAttention
 from components import MLP, MoE, RotaryEmbedding, SwiGLU, make_norm
+from memory import InfiniAttention
 
 FFN_KINDS = ("gelu", "swiglu", "moe")
+LAYER_KINDS = ("attn", "infini", "recurrent")  # the token mixers a block can hold (ModelConfig.layers)
 
 
 def make_ffn(cfg):
@@ -35,25 +37,36 @@ def make_ffn(cfg):
     raise ValueError(f"unknown mlp {cfg.mlp!r}: choose from {FFN_KINDS}")
 
 
+def make_mixer(cfg, kind="attn"):
+    """The token-mixing sub-layer of a block: "attn" -> MultiHeadAttention, "infini" -> InfiniAttention
+    (attention plus a memory of earlier segments, memory.py). Each maps (B, T, C) -> (B, T, C)."""
+    rotary = None
+    if cfg.pos == "rope":
+        rotary = RotaryEmbedding(cfg.n_embd // cfg.n_head, cfg.rope_theta, cfg.rope_scaling, max_len=cfg.block_size)
+    args = (cfg.n_embd, cfg.n_head, cfg.block_size, cfg.n_kv_head, cfg.bias, cfg.dropout, cfg.attn_impl,
+            cfg.attn_scale, rotary)
+    if kind == "attn":
+        return MultiHeadAttention(*args)
+    if kind == "infini":
+        return InfiniAttention(*args, cfg.memory_banks, cfg.memory_update, cfg.memory_segments)
+    raise ValueError(f"unknown layer kind {kind!r}: choose from {LAYER_KINDS}")
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x += attn(norm(x)); x += ffn(norm(x)).
 
     cfg is a transformer.ModelConfig (any object with its fields: n_embd, n_head,
     n_kv_head, block_size, bias, dropout, norm, mlp, pos, rope_theta, rope_scaling,
-    attn_impl, attn_scale, ffn_hidden, n_experts, moe_top_k).
+    attn_impl, attn_scale, ffn_hidden, n_experts, moe_top_k; memory_* for an "infini" kind).
+    `kind` names the token mixer held as `attn` (make_mixer).
     forward(x (B, T, C), cache, layer) -> (x (B, T, C), aux) where aux is the MoE
     load-balancing loss (a scalar tensor) or None for a dense feed-forward.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, kind="attn"):
         super().__init__()
-        head_dim = cfg.n_embd // cfg.n_head
-        rotary = None
-        if cfg.pos == "rope":
-            rotary = RotaryEmbedding(head_dim, cfg.rope_theta, cfg.rope_scaling, max_len=cfg.block_size)
         self.attn_norm = make_norm(cfg.norm, cfg.n_embd, cfg.bias)
-        self.attn = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.block_size, cfg.n_kv_head, cfg.bias, cfg.dropout,
-                                       cfg.attn_impl, cfg.attn_scale, rotary)
+        self.attn = make_mixer(cfg, kind)
         self.ffn_norm = make_norm(cfg.norm, cfg.n_embd, cfg.bias)
         self.ffn = make_ffn(cfg)
         self.dropout = cfg.dropout  # on each sub-layer's output, before it joins the stream

@@ -63,6 +63,8 @@ IGNORED = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")  # buffers
 def hf_kind(cfg):
     """The Hugging Face model type that computes exactly what `cfg` does; ValueError naming what none can hold."""
     kind = HF_KINDS.get((cfg.pos, cfg.norm, cfg.mlp))
+    if set(cfg.layer_kinds) != {"attn"}:
+        raise ValueError(f"layers={cfg.layers}: no export format has a layer with memory; keep the run directory")
     if kind is None:
         raise ValueError(f"pos={cfg.pos}, norm={cfg.norm}, mlp={cfg.mlp} matches no Hugging Face architecture: "
                          f"transformers has learned+layernorm+gelu (GPT-2), rope+rmsnorm+swiglu (Llama) "

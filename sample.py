@@ -24,6 +24,10 @@ from the window alone, as a position in a training block sees only its block.
 `kv_cache=False` recomputes the same window at every step: the same tokens,
 only slower, and so the reference that checks the cache.
 
+A model with memory (memory.py) reads in segments instead: the context is the
+tokens since the current segment's start (`segment_start`), and the memory holds
+every segment before it, so the text read may be as long as you like.
+
 New since stage 18: the trained run is put to use. Run it:
 
     python sample.py --model-checkpoint out/gpt --prompt "ROMEO:" --max-new-tokens 300
@@ -35,6 +39,8 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from bpe_tokenizer import StreamDecoder
 from checkpoint import load_run
@@ -132,6 +138,12 @@ def window_start(length, window):
     return jump * math.ceil(max(0, length - window) / jump)
 
 
+def segment_start(length, window):
+    """Where the segment of the next token starts for a model with memory: segments of `window` tokens tile the
+    text, so with window 16, lengths 1…16 start at 0, lengths 17…32 at 16."""
+    return window * ((length - 1) // window)
+
+
 @torch.inference_mode()
 def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
     """Yield the next ids (B,) one step at a time: the one generation loop.
@@ -143,24 +155,37 @@ def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
     Refilling rather than rolling the cache is what keeps the two paths equal:
     from layer 2 up, a cached key was computed from tokens the new window no
     longer holds, so keeping it would give a context no recomputation sees.
+    A model with memory first reads the prompt's whole segments into its memory;
+    without the cache it starts again from the memory it had, at every step; the
+    memory it had is put back at the end.
     """
     if idx.size(1) == 0:
         raise ValueError("the prompt is empty: give at least one token")
     window = context_window(model)
     use_cache = kv_cache and hasattr(model, "new_kv_cache")
+    memory = getattr(model, "has_memory", False)
+    initial = model.get_memory_state() if memory else None
     cache, cache_start = None, None
-    for _ in range(max_new_tokens):
-        start = window_start(idx.size(1), window)
-        if not use_cache:
-            logits, _ = model(idx[:, start:])  # recompute the whole window
-        elif start != cache_start:  # the first step, or the window jumped: prefill it into a fresh cache
-            cache, cache_start = new_cache(model, idx.size(0)), start
-            logits, _ = model(idx[:, start:], cache=cache)  # (B, T) -> (B, T, V)
-        else:
-            logits, _ = model(idx[:, -1:], cache=cache)  # (B, 1) -> (B, 1, V): the newest token only
-        new = next_token(logits[:, -1, :], idx, **rules)  # (B,)
-        idx = torch.cat([idx, new[:, None]], dim=1)  # (B, T) -> (B, T+1)
-        yield new
+    try:
+        for _ in range(max_new_tokens):
+            start = (segment_start if memory else window_start)(idx.size(1), window)
+            if memory and (not use_cache or cache_start is None):  # (re)read the segments before this one
+                model.set_memory_state(initial)
+                if start > 0:
+                    model(idx[:, :start])  # the model reads it segment by segment
+            if not use_cache:
+                logits, _ = model(idx[:, start:])  # recompute the whole window
+            elif start != cache_start:  # the first step, or the window jumped: prefill it into a fresh cache
+                cache, cache_start = new_cache(model, idx.size(0)), start
+                logits, _ = model(idx[:, start:], cache=cache)  # (B, T) -> (B, T, V)
+            else:
+                logits, _ = model(idx[:, -1:], cache=cache)  # (B, 1) -> (B, 1, V): the newest token only
+            new = next_token(logits[:, -1, :], idx, **rules)  # (B,)
+            idx = torch.cat([idx, new[:, None]], dim=1)  # (B, T) -> (B, T+1)
+            yield new
+    finally:
+        if memory:  # the memory is left as it was found: an unrelated text next starts from it, not from this one
+            model.set_memory_state(initial)
 
 
 def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
@@ -277,7 +302,21 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="auto | cpu | cuda | mps (default: %(default)s)")
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every step")
+    p.add_argument("--memory-in", metavar="FILE", help="a model with memory: start from this saved memory "
+                   "(safetensors, from --memory-out)")
+    p.add_argument("--memory-out", metavar="FILE", help="a model with memory: save its memory after reading the "
+                   "prompt and the text generated (of the last sample)")
     return p
+
+
+def load_memory(path):
+    """A memory state saved by --memory-out: {"blocks.0.attn.M": tensor, …}."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} not found: give a file that sample.py --memory-out wrote")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} is not a safetensors memory file ({e})") from None
 
 
 def read_prompt(args):
@@ -302,6 +341,10 @@ def main(argv=None):
             raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
         prompt = read_prompt(args)
         model, tok, _ = load_run(args.run, device=args.device)
+        if (args.memory_in or args.memory_out) and not getattr(model, "has_memory", False):
+            raise ValueError(f"{args.run} has no memory layer: --memory-in/--memory-out need one (--preset infini)")
+        if args.memory_in:
+            model.set_memory_state(load_memory(args.memory_in))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -312,13 +355,20 @@ def main(argv=None):
             if args.num_samples > 1:
                 print(f"--- sample {i + 1} ---")
             sys.stdout.write(prompt)
+            text = prompt
             for piece in stream_text(model, tok, prompt, args.max_new_tokens, stop_text=stop,
                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                      repetition_penalty=args.repetition_penalty, generator=generator,
                                      kv_cache=not args.no_kv_cache):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
+                text += piece
             print()
+        if args.memory_out:  # the memory of everything this sample read (generating left it as it was)
+            with torch.inference_mode():
+                model(torch.tensor([prompt_ids(tok, text)], device=next(model.parameters()).device))
+            save_file(model.get_memory_state(), args.memory_out)
+            print(f"memory: {args.memory_out}", file=sys.stderr)
     except KeyboardInterrupt:
         print()
         sys.exit(130)

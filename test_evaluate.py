@@ -1,3 +1,5 @@
+import dataclasses
+import json
 import math
 
 import pytest
@@ -8,8 +10,10 @@ import evaluate
 import train
 from bigram_lm import BigramLM
 from bpe_tokenizer import BPETokenizer
+from char_tokenizer import CharTokenizer
 from checkpoint import load_run
 from evaluate import score, windows
+from transformer import PRESETS, Transformer
 
 
 @pytest.mark.parametrize("n, T, stride", [(10, 4, 4), (101, 8, 8), (101, 8, 3), (9, 8, 8), (50, 16, 1), (5, 16, 4)])
@@ -93,3 +97,57 @@ def test_a_run_on_two_sources_is_scored_on_each(tmp_path, monkeypatch, capsys):
     assert result["loss"] == pytest.approx((15 * ln2 + 4 * ln43) / 19, rel=1e-6)
     out = capsys.readouterr().out
     assert "a.txt: loss 0.6931, bits/char 1.0000" in out and "b.txt: loss" in out
+
+
+class SeesTheNextToken(torch.nn.Module):
+    """A deliberately leaking model: its output at t is a function of token t+1."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.table = torch.nn.Embedding(vocab, vocab)
+
+    def forward(self, idx, targets=None):
+        return self.table(torch.roll(idx, -1, 1)), None
+
+
+def tiny_run_config(model):
+    return {"block_size": model.config.block_size, "model": checkpoint.model_config_dict(model), "tokenizer": "char"}
+
+
+def write_metrics(run_dir, train_loss, val_loss):
+    rows = [{"step": 10, "train_loss": train_loss}, {"step": 10, "val_loss": val_loss}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+@pytest.mark.parametrize("preset", ["llama", "infini"])
+def test_check_finds_no_fault_in_a_sound_model_and_flags_each_fault(tmp_path, monkeypatch, preset):
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    text = "to be or not to be, that is the question.\n" * 20
+    tok = CharTokenizer.train(text)
+    cfg = dataclasses.replace(PRESETS[preset], vocab_size=tok.vocab_size, block_size=16, n_layer=2, n_embd=32,
+                              **({"layers": "infini,attn"} if preset == "infini" else {}))
+    model = Transformer(cfg).eval()
+    write_metrics(tmp_path, 1.20, 1.25)
+    findings = evaluate.sanity_checks(model, tok, tiny_run_config(model), tmp_path, text)
+    assert [ok for ok, _, _ in findings] == [True, True, True, True]
+    leaky = evaluate.sanity_checks(SeesTheNextToken(tok.vocab_size), tok, tiny_run_config(model), tmp_path, text)
+    assert leaky[0][0] is False and "causal leak" in leaky[0][1]
+
+    def badly_initialised(model_config):  # outputs 100× too large: a fresh model is confidently wrong
+        fresh = checkpoint.build_model(model_config)
+        fresh.head.weight.data.mul_(100.0)
+        return fresh
+    monkeypatch.setattr(evaluate, "build_model", badly_initialised)
+    assert evaluate.sanity_checks(model, tok, tiny_run_config(model), tmp_path, text)[1][0] is False
+    write_metrics(tmp_path, 0.50, 1.50)  # overfitting, and a loss too good to be true at 1 char/token: 0.36 bits
+    _, _, gap, bits = evaluate.sanity_checks(model, tok, tiny_run_config(model), tmp_path, text)
+    assert gap[0] is False and "+1.0000" in gap[1]
+    write_metrics(tmp_path, 0.20, 0.25)
+    assert evaluate.sanity_checks(model, tok, tiny_run_config(model), tmp_path, text)[3][0] is False
+
+
+def test_bits_per_char_by_hand():
+    assert evaluate.bits_per_char(math.log(5), 1.0) == pytest.approx(math.log2(5))  # char model at perplexity 5
+    assert evaluate.bits_per_char(math.log(5), 4.0) == pytest.approx(math.log2(5) / 4)  # 50k BPE: 0.58 bits/char
+    assert evaluate.bits_per_char(math.log(5), 4.0) < 0.6 < evaluate.bits_per_char(math.log(5), 1.0)

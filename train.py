@@ -26,6 +26,7 @@ from bpe_tokenizer import TOKENIZER_FILES, load_tokenizer, train_tokenizer
 from dataset import (CACHE_DIR, DEFAULT_CORPUS, SAMPLE_WINDOWS, TOKENIZER_SAMPLE_CHARS, default_workers,
                      encode_parts, get_batch, parts_key, parts_text, recorded_sources, resolve_paths, sample_text,
                      scan_source, split_bounds, split_parts)
+from memory import document_batches, document_starts
 from training_loop import (LoopState, TrainConfig, add_dataclass_flags, epoch_batches, flag, make_optimizer,
                            parse_flags, pick_dtype, restore, run_command, saver, seed_everything, train_loop)
 from transformer import PRESETS, ModelConfig, Transformer
@@ -59,9 +60,9 @@ def build_parser(suppress=False):
     run.add_argument("--device", default=s("auto"), help="auto | cpu | cuda | mps (default: %(default)s)")
     run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=s(False),
                      help="torch.compile the model (default: %(default)s)")
-    run.add_argument("--sampler", choices=["random", "epoch"], default=s("random"),
-                     help="random-offset blocks (fast) or shuffled epochs of whole blocks through a "
-                     "DataLoader (default: %(default)s)")
+    run.add_argument("--sampler", choices=["random", "epoch", "documents"], default=s("random"),
+                     help="random-offset blocks (fast), shuffled epochs of whole blocks through a DataLoader, or "
+                     "documents: each batch row reads its document on, for a memory (default: %(default)s)")
     run.add_argument("--workers", type=int, default=s(None), help="processes that tokenize the data, and "
                      "DataLoader workers for --sampler epoch (default: CPU count − 1, at most 4)")
     run.add_argument("--resume", default=s(None), metavar="DIR", help="continue the run in DIR")
@@ -186,15 +187,20 @@ def setup_distributed(device):
     return device, torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def batch_stream(args, ids, block_size, batch_size, rank, world, start, device):
+def batch_stream(args, ids, block_size, batch_size, rank, world, start, device, tok=None):
     """next_batch() for the loop, starting at micro-batch `start` (non-zero when resuming).
 
     Random offsets: micro-batch i of rank r is drawn from its own seed (seed, r, i), so a
     resumed run, or any rank, starts at batch i with no generator state to restore.
     Epochs: the DataLoader path of training_loop.epoch_batches, which skips to batch i itself.
+    Documents: memory.document_batches, whose batch i is also a function of i (blank lines split documents).
     """
     if args["sampler"] == "epoch":
         batches = epoch_batches(ids, block_size, batch_size, args["seed"], rank, world, start, args["workers"])
+        return lambda: tuple(t.to(device) for t in next(batches))
+    if args["sampler"] == "documents":
+        starts = document_starts(ids, tok)
+        batches = document_batches(ids, starts, block_size, batch_size, args["seed"], rank, world, start)
         return lambda: tuple(t.to(device) for t in next(batches))
     counter = iter(range(start, 2**62))
     generator = torch.Generator()
@@ -227,6 +233,8 @@ def run(argv=None):
         tok = cached_tokenizer(args["tokenizer"], train_parts, args["vocab_size"])
         model, block_size = build_model(args, tok.vocab_size)
     check_sources_fit(sources, block_size)
+    # A memory model reads memory_segments segments of block_size per row and step, its memory carried through them.
+    window = block_size * model.config.memory_segments if getattr(model, "has_memory", False) else block_size
     workers = default_workers() if args["workers"] is None else args["workers"]
     train_ids = encode_parts(train_parts, tok, workers=workers)  # a memmap, read in place by the batches
     val_ids = encode_parts(split_parts(sources, 1), tok, workers=workers)  # a memmap too: only N blocks are read
@@ -255,10 +263,10 @@ def run(argv=None):
     net = torch.compile(model) if args["compile"] else model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net)
-    val_set = val_batches(val_ids, block_size, tcfg.batch_size, tcfg.eval_iters, device)
+    val_set = val_batches(val_ids, window, tcfg.batch_size, tcfg.eval_iters, device)
     report = getattr(model, "moe_report", None)
-    next_batch = batch_stream(args, train_ids, block_size, tcfg.batch_size, rank, world,
-                              state.step * tcfg.grad_accum, device)
+    next_batch = batch_stream(args, train_ids, window, tcfg.batch_size, rank, world, state.step * tcfg.grad_accum,
+                              device, *[tok] * (args["sampler"] == "documents"))  # documents: blank lines are tokens
     state = train_loop(net, optimizer, tcfg, next_batch, val_set, state=state, run_dir=run_dir,
                        save=saver(run_dir, model, optimizer), device_type=device_type, is_main=is_main,
                        world_size=world, on_eval=lambda m: report(val_set[0][0]) if report else {},

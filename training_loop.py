@@ -40,9 +40,8 @@ from dataset import atomic_write, default_workers
 class BlockDataset(torch.utils.data.Dataset):
     """Blocks of `block_size` tokens taken every `stride` tokens, as (x, y) pairs.
 
-    stride = block_size (the default) tiles the data with no overlap and no
-    position wasted: every token is a target exactly once (the first is only an input).
-    """
+    stride = block_size (the default) tiles the data with no overlap and no position wasted: every token is a target
+    exactly once (the first is only an input)."""
 
     def __init__(self, data, block_size, stride=None):
         self.data, self.block_size = data, block_size
@@ -61,12 +60,8 @@ class BlockDataset(torch.utils.data.Dataset):
 
 
 def epoch_batches(data, block_size, batch_size, seed=0, rank=0, world=1, start=0, workers=None):
-    """Shuffled epochs over non-overlapping blocks, through a DataLoader: yields (x, y) forever.
-
-    The alternative to `get_batch`'s random offsets: each epoch sees every block
-    exactly once. Epoch e is shuffled by seed (seed, e) and dealt out to the
-    `world` ranks in disjoint shards; `start` skips that many batches (resume).
-    """
+    """Shuffled epochs of non-overlapping blocks through a DataLoader, (x, y) forever: each epoch sees every block once,
+    is shuffled by seed (seed, e) and dealt to the `world` ranks in disjoint shards; `start` skips batches (resume)."""
     blocks = BlockDataset(data, block_size)
     per_epoch = len(blocks) // world // batch_size
     if per_epoch < 1:
@@ -150,10 +145,8 @@ def add_dataclass_flags(group, cls, defaults, suppress, skip=(), presets=None):
 def lr_at(step, progress, cfg):
     """Learning rate: linear warm-up over `warmup_steps`, then cosine from lr to min_lr.
 
-    `progress` in [0, 1] is how far the run is through its decay phase: by steps,
-    (step − warmup) / (steps − warmup), or by time, elapsed / max_time.
-    Example with lr 1e-3, min_lr 1e-4: progress 0 -> 1e-3, 0.5 -> 5.5e-4, 1 -> 1e-4.
-    """
+    `progress` in [0, 1] is how far the run is through its decay: by steps, (step − warmup) / (steps − warmup),
+    or by time, elapsed / max_time. Example with lr 1e-3, min_lr 1e-4: progress 0 -> 1e-3, 0.5 -> 5.5e-4, 1 -> 1e-4."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
     progress = min(max(progress, 0.0), 1.0)
@@ -208,8 +201,7 @@ def seed_everything(seed):
 
 
 def rng_state():
-    """The global random number generators' states (dropout draws from torch's), as plain
-    lists and tensors so that `torch.load(weights_only=True)` can read them back."""
+    """The global generators' states (dropout draws from torch's), as lists and tensors for weights_only loads."""
     version, internal, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state()
     return {"python": [version, list(internal), gauss], "numpy": [keys.tolist(), pos, has_gauss, cached],
@@ -224,16 +216,27 @@ def set_rng_state(saved):
     torch.set_rng_state(saved["torch"])
 
 
+def reset_memory(model, rows=None):
+    """A stateful model (memory.py) forgets what the rows (bool (B,); None: all) carried: a new text starts."""
+    reset = getattr(getattr(model, "module", model), "reset_memory", None)  # DistributedDataParallel's .module
+    if reset is not None:
+        reset(rows)
+
+
 @torch.no_grad()
 def estimate_loss(model, batches, device_type="cpu", dtype="float32"):
-    """Mean loss over a fixed list of (x, y) batches, in eval mode (no dropout)."""
-    was_training = model.training
+    """Mean loss over a fixed list of (x, y) batches, in eval mode (no dropout); a memory is put back after."""
+    was_training, inner = model.training, getattr(model, "module", model)
+    carried = inner.get_memory_state() if hasattr(inner, "get_memory_state") else None
     model.eval()
     total = 0.0
     for x, y in batches:
+        reset_memory(model)
         with autocast_for(device_type, dtype):
             _, loss = model(x, y)
         total += loss.item()
+    if carried is not None:
+        inner.set_memory_state(carried)
     model.train(was_training)
     return total / len(batches)
 
@@ -267,8 +270,7 @@ def append_metrics(run_dir, row):
 
 
 def read_metrics(path):
-    """The rows of a metrics.jsonl. Rows are appended, so a process killed mid-write can leave a torn
-    last line (and only that one): it is dropped."""
+    """The rows of a metrics.jsonl, less the torn last line (only that one) that a kill mid-append can leave."""
     with open(path, encoding="utf-8") as f:
         lines = [line for line in f if line.strip()]
     if lines and not lines[-1].endswith("\n"):
@@ -277,10 +279,7 @@ def read_metrics(path):
 
 
 def plot_losses(runs, path):
-    """Train and val loss against step, one pair of curves per run; `runs` maps a label to its rows.
-
-    Returns False (and writes nothing) when matplotlib is not installed.
-    """
+    """Train and val loss by step and by tokens, two curves per run (`runs`: label -> rows); False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -312,14 +311,11 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
                device_type="cpu", is_main=True, world_size=1, on_eval=None, step_seed=None, clock=time.perf_counter):
     """Train `model` until `cfg.steps` (or `cfg.max_time`) and return the LoopState.
 
-    next_batch() -> (x, y) gives one micro-batch. save(state, val_loss) is called
-    at every evaluation, at the end and on Ctrl-C (then KeyboardInterrupt is re-raised).
-    With DistributedDataParallel, gradients are only synchronised on the last
-    micro-batch of a step (`no_sync`); only the main process logs and saves.
-    step_seed(step) -> int, when given, re-seeds torch's generator (dropout) before each step, so
-    the masks of step s are the same in a resumed run and differ between ranks, with no generator
-    state to save. `clock` measures training time (tests pass a fake one).
-    """
+    next_batch() -> (x, y) gives one micro-batch. save(state, val_loss) is called at every evaluation, at the end and
+    on Ctrl-C (then KeyboardInterrupt is re-raised). With DistributedDataParallel, gradients are only synchronised on
+    the last micro-batch of a step (`no_sync`); only the main process logs and saves. step_seed(step) -> int, when
+    given, re-seeds torch's generator (dropout) before each step, so the masks of step s are the same in a resumed run
+    and differ between ranks, with no generator state to save. `clock` measures training time (tests fake it)."""
     state = state or LoopState()
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world_size
@@ -340,7 +336,8 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
                 group["lr"] = lr
             loss_sum, logged, block = 0.0, {}, 0
             for micro in range(cfg.grad_accum):
-                x, y = next_batch()
+                x, y, *new_rows = next_batch()  # a document pipeline adds the rows (B,) that start a document
+                reset_memory(model, *new_rows)
                 block = x.shape[1]
                 sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")
                 with (contextlib.nullcontext() if sync else model.no_sync()):
@@ -418,9 +415,8 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
 
 
 def restore(run_dir, model, optimizer, is_main):
-    """Load checkpoint_latest.pt into model and optimizer; drop metrics rows from after it and the
-    temporary files of writes that a kill cut short. A run stopped before its first checkpoint
-    starts again at step 0."""
+    """Load checkpoint_latest.pt into model and optimizer; drop metrics rows from after it and the temporary files
+    of writes that a kill cut short. A run stopped before its first checkpoint starts again at step 0."""
     state = LoopState()
     if (run_dir / ckpt.STATE).exists():
         saved = ckpt.load_training_state(run_dir)
@@ -428,6 +424,8 @@ def restore(run_dir, model, optimizer, is_main):
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         set_rng_state(saved["rng"])
+        if saved.get("memory"):  # a document pipeline's rows continue their documents where they stopped
+            model.set_memory_state(saved["memory"])
         state = LoopState(**saved["loop"])
     elif is_main:
         print(f"{run_dir} has no {ckpt.STATE} yet (it stopped before its first checkpoint): starting at step 0")
@@ -457,7 +455,8 @@ def saver(run_dir, model, optimizer, weights_of=None):
         if best_val is not None:
             ckpt.save_weights(weights, run_dir / ckpt.BEST_WEIGHTS)
         ckpt.save_training_state(run_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                           "loop": dataclasses.asdict(state), "rng": rng_state()})
+                                           "loop": dataclasses.asdict(state), "rng": rng_state(),
+                                           "memory": getattr(model, "get_memory_state", dict)()})
         if not plot_losses({run_dir.name: read_metrics(run_dir / ckpt.METRICS)}, run_dir / "loss.png") \
                 and plot_note:
             print(plot_note.pop())

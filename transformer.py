@@ -22,7 +22,8 @@ import torch.nn as nn
 
 from attention import ATTN_IMPLS, ATTN_SCALES, KVCache
 from bigram_lm import next_token_loss
-from block import FFN_KINDS, Block
+from block import FFN_KINDS, LAYER_KINDS, Block
+from memory import UPDATE_RULES
 from components import Embeddings, MoE, expert_counts, load_balancing_loss, make_norm, parse_rope_scaling
 
 NORMS = ("layernorm", "rmsnorm")
@@ -53,6 +54,10 @@ class ModelConfig:
     n_experts: int = 4  # experts per MoE layer (mlp="moe")
     moe_top_k: int = 2  # experts each token is sent to (mlp="moe")
     moe_aux_weight: float = 0.01  # weight of the MoE load-balancing loss added while training
+    layers: str | None = None  # kind of each layer, comma-separated: attn, infini, recurrent (None: all attn)
+    memory_segments: int = 2  # segments a memory's gradient flows through before it is detached
+    memory_banks: int = 1  # memories per infini layer, written in turn, read by relevance (multi-memory)
+    memory_update: str = "delta"  # infini memory write rule: "linear" (M += σ(K)ᵀV) or "delta"
 
     def __post_init__(self):
         def check(ok, message):
@@ -78,6 +83,14 @@ class ModelConfig:
         check(self.moe_top_k <= self.n_experts,
               f"moe_top_k={self.moe_top_k} exceeds n_experts={self.n_experts}: lower it or add experts")
         check(self.moe_aux_weight >= 0, f"moe_aux_weight={self.moe_aux_weight} must be >= 0")
+        kinds = self.layer_kinds
+        check(len(kinds) == self.n_layer and set(kinds) <= set(LAYER_KINDS),
+              f"layers={self.layers!r}: give {self.n_layer} kinds (one per layer, n_layer) from {LAYER_KINDS}, "
+              f"comma-separated, e.g. {','.join(['infini'] + ['attn'] * (self.n_layer - 1))}")
+        check(self.memory_segments >= 1 and self.memory_banks >= 1,
+              f"memory_segments={self.memory_segments} and memory_banks={self.memory_banks} must be at least 1")
+        check(self.memory_update in UPDATE_RULES, f"unknown memory_update {self.memory_update!r}: "
+              f"choose from {UPDATE_RULES}")
 
     @property
     def kv_heads(self):
@@ -87,6 +100,11 @@ class ModelConfig:
     @property
     def head_dim(self):
         return self.n_embd // self.n_head
+
+    @property
+    def layer_kinds(self):
+        """The kind of each layer: layers="infini,attn" -> ("infini", "attn"); None -> all "attn"."""
+        return tuple(k.strip() for k in self.layers.split(",")) if self.layers else ("attn",) * self.n_layer
 
 
 PRESETS = {
@@ -110,6 +128,10 @@ PRESETS = {
     # 96 or 192), 16 × 48 top-4, 8 × 192, a shared always-on expert.
     "moe": ModelConfig(block_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, norm="rmsnorm", mlp="moe",
                        pos="rope", ffn_hidden=96, n_experts=8, moe_top_k=2, moe_aux_weight=0.03),
+    # llama with its first layer an Infini-attention layer (memory.py), the seed project's default layout:
+    # the layers above it read the memory's summary of earlier segments through the residual stream.
+    "infini": ModelConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, norm="rmsnorm", mlp="swiglu",
+                          pos="rope", layers="infini,attn,attn,attn"),
 }
 
 
@@ -124,7 +146,7 @@ class Transformer(nn.Module):
         self.loss_terms = None
         position_table = config.block_size if config.pos == "learned" else None  # RoPE needs no table
         self.embed = Embeddings(config.vocab_size, config.n_embd, position_table)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, kind) for kind in config.layer_kinds)
         self.norm = make_norm(config.norm, config.n_embd, config.bias)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
@@ -164,8 +186,28 @@ class Transformer(nn.Module):
         With `cache`, idx holds positions cache.length … cache.length+T−1; their keys and
         values are appended and cache.length advances by T. While training an MoE model,
         loss = cross-entropy + moe_aux_weight · (aux loss averaged over layers), and the
-        two terms are kept apart in `loss_terms` for logging.
+        two terms are kept apart in `loss_terms` for logging. A model with memory reads an
+        idx longer than block_size as consecutive segments of block_size, the memory
+        carrying each one's summary to the next (and the gradient back, memory_segments deep).
         """
+        B, T = idx.shape
+        W = self.config.block_size
+        if cache is None and T > W and self.has_memory:
+            outputs = [self.logits(idx[:, s:s + W]) for s in range(0, T, W)]
+            logits, aux_losses = torch.cat([o[0] for o in outputs], dim=1), [a for o in outputs for a in o[1]]
+        else:
+            logits, aux_losses = self.logits(idx, cache)
+        loss = None
+        if targets is not None:
+            loss = next_token_loss(logits, targets)
+            if aux_losses and self.training:
+                aux = torch.stack(aux_losses).mean()
+                self.loss_terms = {"train_loss": loss.detach(), "aux_loss": aux.detach()}
+                loss = loss + self.config.moe_aux_weight * aux
+        return logits, loss
+
+    def logits(self, idx, cache=None):
+        """idx (B, T) -> (logits (B, T, V), the MoE layers' aux losses): one segment through every block."""
         B, T = idx.shape
         start = 0 if cache is None else cache.length
         if cache is not None and (start + T > cache.capacity or cache.k.shape[1] != B):
@@ -182,15 +224,35 @@ class Transformer(nn.Module):
                 aux_losses.append(aux)
         if cache is not None:
             cache.advance(T)
-        logits = self.head(self.norm(x))  # (B, T, C) @ (C, V) -> (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = next_token_loss(logits, targets)
-            if aux_losses and self.training:
-                aux = torch.stack(aux_losses).mean()
-                self.loss_terms = {"train_loss": loss.detach(), "aux_loss": aux.detach()}
-                loss = loss + self.config.moe_aux_weight * aux
-        return logits, loss
+        return self.head(self.norm(x)), aux_losses  # (B, T, C) @ (C, V) -> (B, T, V)
+
+    def stateful(self):
+        """(module path, module) of each layer that carries state between calls (it has reset_memory)."""
+        return [(name, m) for name, m in self.named_modules() if hasattr(m, "reset_memory") and m is not self]
+
+    @property
+    def has_memory(self):
+        return bool(self.stateful())
+
+    def reset_memory(self, rows=None):
+        """Forget what every stateful layer carries: all rows, or those where the bool tensor rows (B,) is True."""
+        for _, m in self.stateful():
+            m.reset_memory(rows)
+
+    def get_memory_state(self):
+        """Every stateful layer's carried tensors, detached, keyed by module path: {"blocks.0.attn.M": …}."""
+        return {f"{name}.{key}": t for name, m in self.stateful() for key, t in m.memory_state().items()}
+
+    def set_memory_state(self, state):
+        """Load what get_memory_state() gave (possibly another process's); {} resets."""
+        layers = self.stateful()
+        unknown = [k for k in state if not any(k.startswith(name + ".") for name, _ in layers)]
+        if unknown:
+            raise ValueError(f"memory state key {unknown[0]!r} matches no stateful layer of this model "
+                             f"({', '.join(name for name, _ in layers) or 'it has none'}): load a state saved "
+                             f"by a model of the same layers")
+        for name, m in layers:
+            m.load_memory_state({k[len(name) + 1:]: t for k, t in state.items() if k.startswith(name + ".")})
 
     @torch.no_grad()
     def moe_report(self, idx):
