@@ -50,8 +50,8 @@ def test_two_processes_train_as_one_process_on_both_ranks_batches(tmp_path, monk
     # drawn from the same seeds; the mean loss over 8 sequences has the mean of the ranks' gradients.
     stream = train.batch_stream
 
-    def both_ranks(args, ids, block_size, batch_size, rank, world, start, device):
-        ranks = [stream(args, ids, block_size, batch_size, r, 2, start, device) for r in (0, 1)]
+    def both_ranks(args, ids, block_size, batch_size, rank, world, start, device, tok):
+        ranks = [stream(args, ids, block_size, batch_size, r, 2, start, device, tok) for r in (0, 1)]
         return lambda: tuple(torch.cat(parts) for parts in zip(*(next_batch() for next_batch in ranks)))
 
     monkeypatch.chdir(tmp_path)

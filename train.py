@@ -187,13 +187,14 @@ def setup_distributed(device):
     return device, torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
-def batch_stream(args, ids, block_size, batch_size, rank, world, start, device, tok=None):
+def batch_stream(args, ids, block_size, batch_size, rank, world, start, device, tok):
     """next_batch() for the loop, starting at micro-batch `start` (non-zero when resuming).
 
     Random offsets: micro-batch i of rank r is drawn from its own seed (seed, r, i), so a
     resumed run, or any rank, starts at batch i with no generator state to restore.
     Epochs: the DataLoader path of training_loop.epoch_batches, which skips to batch i itself.
-    Documents: memory.document_batches, whose batch i is also a function of i (blank lines split documents).
+    Documents: memory.document_batches, whose batch i is also a function of i (blank lines, in `tok`'s ids,
+    split documents).
     """
     if args["sampler"] == "epoch":
         batches = epoch_batches(ids, block_size, batch_size, args["seed"], rank, world, start, args["workers"])
@@ -266,7 +267,7 @@ def run(argv=None):
     val_set = val_batches(val_ids, window, tcfg.batch_size, tcfg.eval_iters, device)
     report = getattr(model, "moe_report", None)
     next_batch = batch_stream(args, train_ids, window, tcfg.batch_size, rank, world, state.step * tcfg.grad_accum,
-                              device, *[tok] * (args["sampler"] == "documents"))  # documents: blank lines are tokens
+                              device, tok)
     state = train_loop(net, optimizer, tcfg, next_batch, val_set, state=state, run_dir=run_dir,
                        save=saver(run_dir, model, optimizer), device_type=device_type, is_main=is_main,
                        world_size=world, on_eval=lambda m: report(val_set[0][0]) if report else {},
