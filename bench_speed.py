@@ -39,7 +39,7 @@ TARGET = NANOGPT["val_loss"]  # nanoGPT's own final held-out loss on its CPU rec
 # The fastest recipe found to TARGET (README, "Speedrun"): llama's parts, Muon, a short warm-up. A step
 # count rather than a time budget, so that the loss it reaches does not depend on the machine's load.
 SPEEDRUN = ["--preset", "llama", "--optimizer", "muon", "--batch-size", "16", "--lr", "3e-3", "--min-lr", "3e-4",
-            "--warmup-steps", "20", "--steps", "250", "--eval-interval", "250", "--eval-iters", "10"]
+            "--warmup-steps", "20", "--steps", "350", "--eval-interval", "350", "--eval-iters", "10"]
 
 
 def heldout_loss(run_dir):

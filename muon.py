@@ -14,8 +14,9 @@ projections, router, experts). The embedding, the output head, norms, biases
 and scales keep AdamW: an embedding row is a lookup, not a map between spaces,
 and a vector has no directions to even out. Keller Jordan's modded-nanogpt
 speedrun made Muon known (2024); Moonshot AI's "Muon is scalable" (2025) sized
-its update to AdamW's typical RMS, 0.2 per number, which is what lets this
-module take the same learning rate and weight decay as AdamW (`UPDATE_RMS`).
+its update by the matrix's shape to a fixed RMS per number, as AdamW's updates
+roughly have, which is what lets this module take the same learning rate and
+weight decay as AdamW (`UPDATE_RMS`).
 
 New since stage 14: an optimizer of our own, a `torch.optim.Optimizer` whose
 state saves and resumes like AdamW's. Use it: `python train.py --optimizer muon`.
@@ -31,7 +32,10 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)  # a, b, c of a·x + b·x³ + c·x⁵: the
 NS_STEPS = 5
 NS_BAND = (0.68, 1.21)  # where 5 steps leave each singular value ≥ NS_SMALLEST × the Frobenius norm
 NS_SMALLEST = 0.004
-UPDATE_RMS = 0.2  # Moonshot's match to AdamW's update size: the same lr and weight decay carry over
+# The update's size per number, as a multiple of lr. Moonshot's 0.2 matches AdamW's, so that one lr and
+# weight decay serve both halves; here 0.6 trained better (llama, 250 steps at lr 3e-3, held-out loss:
+# AdamW 1.947; Muon at 0.2 behind AdamW all along, at 0.6 1.924, at 2.0 1.982; one seed each).
+UPDATE_RMS = 0.6
 MOMENTUM = 0.95
 
 # Shapes: M rows (out features), N columns (in features); a leading E batches matrices (experts).
