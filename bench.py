@@ -11,6 +11,7 @@ data pipeline, bench_chat.py the chat fine-tuning.
 """
 import argparse
 import dataclasses
+import inspect
 import io
 import json
 import math
@@ -468,12 +469,17 @@ def bench_kill(kills=20, seed=0):
 BENCHES["kill"] = bench_kill
 
 
-def main(benches=BENCHES, doc=__doc__):
-    """Run the benchmarks of `benches` named on the command line (bench_data.py passes its own)."""
+def main(benches=BENCHES, doc=__doc__, paths=None):
+    """Run the benchmarks of `benches` named on the command line (bench_data.py passes its own).
+
+    `paths` ({"nanogpt": help, ...}) adds a --flag PATH each, passed to the benchmarks with that parameter.
+    """
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", nargs="?", default="all", help="which benchmark (default: all)")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    for name, help_text in (paths or {}).items():
+        parser.add_argument("--" + name.replace("_", "-"), metavar="PATH", help=help_text)
     args = parser.parse_args()
     if args.list:
         for name, fn in benches.items():
@@ -485,7 +491,8 @@ def main(benches=BENCHES, doc=__doc__):
         if name not in benches:
             parser.error(f"unknown benchmark {name!r}; choose from {', '.join(benches)}")
         print(f"\n## {name}\n")
-        benches[name]()
+        wanted = inspect.signature(benches[name]).parameters
+        benches[name](**{key: getattr(args, key) for key in paths or {} if key in wanted})
 
 
 if __name__ == "__main__":

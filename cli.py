@@ -29,7 +29,7 @@ import torch
 
 from chat_format import chat_ids, encode_chat
 from checkpoint import load_run
-from sample import check_sampling_args, context_window, stream_text
+from sample import check_sampling_args, compile_for_generation, context_window, stream_text
 
 HELP = """commands:
   /temp T     temperature (0 = greedy)        /top-k K   keep the K most likely tokens (0 = off)
@@ -185,6 +185,8 @@ def build_parser():
     p.add_argument("--stop", default=None, help='an answer ends at this text (default: a blank line, "\\n\\n", '
                    'on a base run; none on a chat run, whose answers end at <|end|>; "" for none)')
     p.add_argument("--device", default="cpu", help="auto | cpu | cuda | mps (default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model: faster answers after a first "
+                   "one that compiles for tens of seconds")
     return p
 
 
@@ -199,6 +201,8 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if args.compile:
+        compile_for_generation(model)
     if sys.stdin.isatty():
         try:
             import readline  # noqa: F401  (line editing and history for input())

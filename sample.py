@@ -158,6 +158,8 @@ def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
     A model with memory first reads the prompt's whole segments into its memory;
     without the cache it starts again from the memory it had, at every step; the
     memory it had is put back at the end.
+    The tokens live in one buffer allocated up front: a step writes its id in
+    place instead of copying the whole sequence into a new tensor.
     """
     if idx.size(1) == 0:
         raise ValueError("the prompt is empty: give at least one token")
@@ -166,26 +168,43 @@ def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
     memory = getattr(model, "has_memory", False)
     initial = model.get_memory_state() if memory else None
     cache, cache_start = None, None
+    length = idx.size(1)
+    tokens = idx.new_empty(idx.size(0), length + max_new_tokens)  # (B, T + new), filled as the loop goes
+    tokens[:, :length] = idx
     try:
         for _ in range(max_new_tokens):
-            start = (segment_start if memory else window_start)(idx.size(1), window)
+            start = (segment_start if memory else window_start)(length, window)
             if memory and (not use_cache or cache_start is None):  # (re)read the segments before this one
                 model.set_memory_state(initial)
                 if start > 0:
-                    model(idx[:, :start])  # the model reads it segment by segment
+                    model(tokens[:, :start])  # the model reads it segment by segment
             if not use_cache:
-                logits, _ = model(idx[:, start:])  # recompute the whole window
+                logits, _ = model(tokens[:, start:length])  # recompute the whole window
             elif start != cache_start:  # the first step, or the window jumped: prefill it into a fresh cache
                 cache, cache_start = new_cache(model, idx.size(0)), start
-                logits, _ = model(idx[:, start:], cache=cache)  # (B, T) -> (B, T, V)
+                logits, _ = model(tokens[:, start:length], cache=cache)  # (B, T) -> (B, T, V)
             else:
-                logits, _ = model(idx[:, -1:], cache=cache)  # (B, 1) -> (B, 1, V): the newest token only
-            new = next_token(logits[:, -1, :], idx, **rules)  # (B,)
-            idx = torch.cat([idx, new[:, None]], dim=1)  # (B, T) -> (B, T+1)
+                logits, _ = model(tokens[:, length - 1:length], cache=cache)  # (B, 1) -> (B, 1, V): the newest only
+            new = next_token(logits[:, -1, :], tokens[:, :length], **rules)  # (B,)
+            tokens[:, length] = new
+            length += 1
             yield new
     finally:
         if memory:  # the memory is left as it was found: an unrelated text next starts from it, not from this one
             model.set_memory_state(initial)
+
+
+def compile_for_generation(model):
+    """torch.compile `model` in place for generation (--compile), and return it.
+
+    A generation step is many small operations on one token: on a CPU the time goes
+    to calling them more than to computing them, and compiling fuses them into few
+    kernels. dynamic=True makes one graph serve every prompt length and cache position
+    (rather than one compilation each); the first call compiles, for tens of seconds.
+    Greedy output stays the eager model's.
+    """
+    model.compile(dynamic=True)
+    return model
 
 
 def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
@@ -199,15 +218,19 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
     stop = torch.tensor(sorted(stop_ids or []), dtype=torch.long, device=idx.device)
     done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-    out = [idx]
+    out = idx.new_empty(idx.size(0), idx.size(1) + max_new_tokens)  # (B, T + new)
+    out[:, :idx.size(1)] = idx
+    length = idx.size(1)
     for new in _steps(model, idx, max_new_tokens, kv_cache=kv_cache, temperature=temperature, top_k=top_k,
                       top_p=top_p, repetition_penalty=repetition_penalty, generator=generator):
-        new = torch.where(done, out[-1][:, -1], new)  # a stopped row repeats its stop id
-        out.append(new[:, None])
-        done |= torch.isin(new, stop)
-        if done.all():
+        if stop.numel():  # without stop ids no row ever stops: no test, and no sync with the device, per step
+            new = torch.where(done, out[:, length - 1], new)  # a stopped row repeats its stop id
+            done |= torch.isin(new, stop)
+        out[:, length] = new
+        length += 1
+        if stop.numel() and done.all():
             break
-    return torch.cat(out, dim=1)
+    return out[:, :length]
 
 
 def stream_generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
@@ -306,6 +329,8 @@ def build_parser():
                    "(safetensors, from --memory-out)")
     p.add_argument("--memory-out", metavar="FILE", help="a model with memory: save its memory after reading the "
                    "prompt and the text generated (of the last sample)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model: faster steps after a first "
+                   "call that compiles for tens of seconds")
     return p
 
 
@@ -348,6 +373,8 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if args.compile:
+        compile_for_generation(model)
     stop = args.stop.replace("\\n", "\n").replace("\\t", "\t") if args.stop else None
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(args.seed)
     try:

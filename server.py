@@ -42,7 +42,7 @@ import torch
 
 from chat_format import chat_ids, encode_chat
 from checkpoint import CONFIG, load_run, resolve_run_dir
-from sample import context_window, prompt_ids, stream_text
+from sample import compile_for_generation, context_window, prompt_ids, stream_text
 
 MAX_NEW_TOKENS_CAP = 1024  # the most one request may ask for: a guard against tying the server up
 MAX_PROMPT_CHARS = 20_000  # the prompt is cropped to block_size tokens anyway; this bounds the encoding work
@@ -222,14 +222,19 @@ def delta_choice(text, finish):
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
 
 
-def create_app(run_dir, device="cpu"):
-    """A FastAPI app serving the run in `run_dir` on `device`: POST /generate, GET /info, and OpenAI's /v1 API."""
+def create_app(run_dir, device="cpu", compile_model=False):
+    """A FastAPI app serving the run in `run_dir` on `device`: POST /generate, GET /info, and OpenAI's /v1 API.
+
+    compile_model=True torch.compiles the model (sample.compile_for_generation); the first request compiles it.
+    """
     from fastapi import FastAPI
     from fastapi.exception_handlers import request_validation_exception_handler
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
 
     model, tok, config = load_run(run_dir, device)
+    if compile_model:
+        compile_for_generation(model)
     run_dir = resolve_run_dir(run_dir)
     chat_tokens = chat_ids(tok)  # None on a base run
     stop_ids = list((chat_tokens or {}).values())  # a chat token is never text: any of them ends an answer
@@ -321,11 +326,13 @@ def main(argv=None):
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="auto | cpu | cuda | mps (default: %(default)s)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model: faster generation after a "
+                   "first request that compiles for tens of seconds")
     args = p.parse_args(argv)
     try:
         import uvicorn
 
-        app = create_app(args.run, args.device)
+        app = create_app(args.run, args.device, args.compile)
     except ModuleNotFoundError as e:
         print(f"error: {INSTALL} ({e.name} is missing)", file=sys.stderr)
         sys.exit(2)

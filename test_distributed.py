@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import train
@@ -36,10 +37,12 @@ def torchrun(tmp_path, script, args, port):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_two_processes_train_as_one_process_on_both_ranks_batches(tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer,port", [("adamw", 29533), ("muon", 29535)])
+def test_two_processes_train_as_one_process_on_both_ranks_batches(tmp_path, monkeypatch, optimizer, port):
     (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
     (tmp_path / "each_rank_saves.py").write_text(EACH_RANK_SAVES.format(root=str(ROOT)))
-    ddp = torchrun(tmp_path, tmp_path / "each_rank_saves.py", ["--data", "t.txt", "--out", "ddp", *TINY], 29533)
+    flags = [*TINY, "--optimizer", optimizer]
+    ddp = torchrun(tmp_path, tmp_path / "each_rank_saves.py", ["--data", "t.txt", "--out", "ddp", *flags], port)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     assert "4×1 accum×2 proc = 8 sequences" in ddp.stdout  # the effective batch is printed once, by rank 0
     assert ddp.stdout.count("parameters;") == 1
@@ -56,7 +59,7 @@ def test_two_processes_train_as_one_process_on_both_ranks_batches(tmp_path, monk
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(train, "batch_stream", both_ranks)
-    train.run(["--data", "t.txt", "--out", "one", *TINY])
+    train.run(["--data", "t.txt", "--out", "one", *flags])
 
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     one, saved = load_training_state(tmp_path / "one"), load_training_state(tmp_path / "ddp")

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 import checkpoint as ckpt
 from dataset import atomic_write, default_workers
+from muon import Muon, param_groups
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -100,11 +101,14 @@ class TrainConfig:
     max_time: float = 0.0  # seconds of training; the schedule then runs on time, --steps only caps it (0: off)
     patience: int = 0  # stop after N evaluations without a better val loss (0: never)
     dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast)
+    optimizer: str = "adamw"  # adamw | muon (Muon for the matrices in the blocks, AdamW for the rest: muon.py)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"--optimizer {self.optimizer!r} is not one of adamw, muon")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr {self.lr}, min-lr {self.min_lr}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -159,13 +163,9 @@ def step_progress(step, cfg):
 
 
 def make_optimizer(model, cfg, device_type="cpu"):
-    """AdamW with weight decay on matrices (dim ≥ 2) and not on norms, biases or scales."""
-    params = [p for p in model.parameters() if p.requires_grad]  # shared (tied) tensors appear once
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device_type in ("cpu", "cuda")  # one kernel for all parameters instead of a Python loop
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    """AdamW, or Muon for the matrices in the blocks (muon.py); decay on matrices, not norms, biases or scales."""
+    kind, fused = (Muon if cfg.optimizer == "muon" else torch.optim.AdamW), device_type in ("cpu", "cuda")
+    return kind(param_groups(model, cfg.weight_decay, kind is Muon), cfg.lr, (cfg.beta1, cfg.beta2), fused=fused)
 
 
 def autocast_for(device_type, dtype):

@@ -1,0 +1,206 @@
+"""Benchmarks of speed at the limit — a training speedrun against nanoGPT, Muon against AdamW, generation
+against llama2.c's run.c, and the machine's two cores — each side by side in one run, as bench.py does.
+
+nanoGPT and llama2.c run from the reader's own copies (a benchmark skips them, saying so, when no path
+is given); this project never ships or builds their code.
+
+    python bench_speed.py --list
+    python bench_speed.py speedrun --nanogpt ~/src/nanoGPT    # with data/shakespeare_char/prepare.py run in it
+    python bench_speed.py generate-c --llama2c-run ~/src/llama2.c/run
+    python bench_speed.py muon
+    python bench_speed.py threads
+"""
+import dataclasses
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import evaluate
+from bench import (NANOGPT, NANOGPT_FLAGS, PRESET_RECIPES, main, median_time, print_table, run_child,
+                   run_side_by_side, steady_tokens_per_sec)
+from char_tokenizer import CharTokenizer
+from checkpoint import WEIGHTS, load_run, model_config_dict, save_run_files, save_weights
+from export import export_llama2c
+from sample import compile_for_generation, generate
+from transformer import PRESETS, Transformer
+
+BENCHES = {}
+PATHS = {"nanogpt": "a nanoGPT checkout with data/shakespeare_char prepared (speedrun)",
+         "llama2c_run": "a run executable built from llama2.c's run.c (generate-c)"}
+
+TARGET = NANOGPT["val_loss"]  # nanoGPT's own final held-out loss on its CPU recipe, nats/char
+# The fastest recipe found to TARGET (README, "Speedrun"): llama's parts, Muon, a short warm-up. A step
+# count rather than a time budget, so that the loss it reaches does not depend on the machine's load.
+SPEEDRUN = ["--preset", "llama", "--optimizer", "muon", "--batch-size", "16", "--lr", "3e-3", "--min-lr", "3e-4",
+            "--warmup-steps", "20", "--steps", "350", "--eval-interval", "350", "--eval-iters", "10"]
+
+
+def heldout_loss(run_dir):
+    """A run's loss over the whole held-out split (the last 10% of the text), nats per character."""
+    model, tok, config = load_run(run_dir)
+    return evaluate.evaluate_text(model, tok, evaluate.split_of(config, "heldout"), config["block_size"])["loss"]
+
+
+def nanogpt_ready(path):
+    """Why a nanoGPT checkout cannot run its CPU recipe, or None when it can."""
+    if not path:
+        return "no --nanogpt PATH given"
+    if not (Path(path) / "data/shakespeare_char/train.bin").exists():
+        return f"{path}/data/shakespeare_char/train.bin is missing: run its data/shakespeare_char/prepare.py"
+    return None
+
+
+def bench_speedrun(nanogpt=None, seeds=(1337, 1338, 1339)):
+    """Speedrun: whole-process seconds to nanoGPT's held-out 1.898, ours beside nanoGPT's CPU recipe."""
+    missing = nanogpt_ready(nanogpt)
+    ours, theirs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, seed in enumerate(seeds):
+            jobs = [("ours", [sys.executable, "train.py", *SPEEDRUN, "--seed", str(seed), "--out", f"{tmp}/ours{i}"],
+                     None)]
+            if not missing:
+                jobs.append(("nanogpt", [sys.executable, "train.py", *NANOGPT_FLAGS, f"--out_dir={tmp}/nano{i}"],
+                             nanogpt))
+            if i % 2:
+                jobs.reverse()  # each takes the other core every second round
+            done = run_side_by_side(jobs, tmp)
+            ours.append({"wall": done["ours"][0], "loss": heldout_loss(f"{tmp}/ours{i}")})
+            if not missing:
+                theirs.append({"wall": done["nanogpt"][0],
+                               "loss": float(re.findall(r"val loss ([\d.]+)", done["nanogpt"][1])[-1])})
+    losses = [r["loss"] for r in ours]
+    rows = [["ours: " + " ".join(SPEEDRUN), f"{statistics.median(r['wall'] for r in ours):.1f}",
+             f"{statistics.median(losses):.4f} ({min(losses):.4f}–{max(losses):.4f}), whole held-out split"]]
+    if theirs:
+        rows.append(["nanoGPT's CPU recipe, its own checkout", f"{statistics.median(r['wall'] for r in theirs):.1f}",
+                     f"{statistics.median(r['loss'] for r in theirs):.4f}, its own 20-batch val estimate"])
+    print(f"whole process (start to exit, held-out scoring after it), one thread, median of seeds "
+          f"{', '.join(map(str, seeds))}; {'side by side, each pinned to one core' if theirs else 'ours alone'}; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
+    print_table(["run", "seconds", "held-out loss (nats/char), median (min–max)"], rows)
+    reached = statistics.median(losses) <= TARGET
+    print(f"\ntarget {TARGET} {'reached' if reached else 'NOT reached'} (median)")
+    if theirs:
+        ratio = statistics.median(r["wall"] for r in ours) / statistics.median(r["wall"] for r in theirs)
+        print(f"ours / nanoGPT: {ratio:.3f}× the whole-process time (goal ≤ 0.333×)")
+    else:
+        print(f"nanoGPT skipped: {missing}")
+
+
+BENCHES["speedrun"] = bench_speedrun
+
+
+def bench_muon(budget=177.0, seeds=(1337, 1338, 1339)):
+    """Muon against AdamW at equal training time, gpt and llama recipes: held-out loss."""
+    losses = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in ("gpt", "llama"):
+            for i, seed in enumerate(seeds):
+                jobs = [(opt, [sys.executable, "train.py", *PRESET_RECIPES[preset], "--optimizer", opt, "--seed",
+                               str(seed), "--max-time", str(budget), "--eval-interval", "100000", "--eval-iters", "10",
+                               "--out", f"{tmp}/{preset}-{opt}-{seed}"], None) for opt in ("adamw", "muon")]
+                run_side_by_side(jobs[::-1] if i % 2 else jobs, tmp)  # alternate the cores
+                for opt in ("adamw", "muon"):
+                    losses.setdefault((preset, opt), []).append(heldout_loss(f"{tmp}/{preset}-{opt}-{seed}"))
+    rows = []
+    for (preset, opt), values in losses.items():
+        rows.append([preset, opt, " ".join(PRESET_RECIPES[preset][2:]),
+                     f"{statistics.median(values):.4f} ({min(values):.4f}–{max(values):.4f})"])
+    print(f"{budget:.0f} s of training each (evaluation excluded), one thread, AdamW and Muon side by side, each "
+          f"pinned to one core; seeds {', '.join(map(str, seeds))}; load average {os.getloadavg()[0]:.1f}\n")
+    print_table(["preset", "optimizer", "recipe", "held-out loss, median (min–max)"], rows)
+    for preset in ("gpt", "llama"):
+        diffs = [m - a for m, a in zip(losses[preset, "muon"], losses[preset, "adamw"])]
+        print(f"{preset}: muon − adamw, seed by seed: {', '.join(f'{d:+.4f}' for d in diffs)}")
+
+
+BENCHES["muon"] = bench_muon
+
+
+def run_c_tokens_per_sec(run_c, model_dir, new_tokens, core):
+    """run.c's own tokens/s figure, greedy, pinned to `core` (it reads tokenizer.bin from its working folder)."""
+    out = subprocess.run(["taskset", "-c", str(core), str(Path(run_c).resolve()), "model.bin", "0",
+                          str(new_tokens + 1)], cwd=model_dir, capture_output=True, text=True, check=True).stdout
+    return float(re.findall(r"achieved tok/s: ([\d.]+)", out)[-1])
+
+
+def bench_generate_c(llama2c_run=None, new_tokens=500, batch=8, rounds=3):
+    """Generation: ours (eager, --compile) against llama2.c's run.c on the same weights, and a batch of 8."""
+    core = max(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {core})  # this process and run.c take turns on one core
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(PRESETS["llama"], block_size=new_tokens + 12)  # run.c stops at its seq_len
+    model = Transformer(cfg).eval()  # random weights: the speed does not depend on them
+    tok = CharTokenizer.train("".join(chr(c) for c in range(32, 32 + cfg.vocab_size - 1)))
+    compiled = compile_for_generation(Transformer(cfg).eval())
+    compiled.load_state_dict(model.state_dict())
+    one, many = torch.zeros(1, 1, dtype=torch.long), torch.arange(batch)[:, None]  # (1, 1), (8, 1)
+    t0 = time.perf_counter()
+    same = torch.equal(generate(compiled, one, new_tokens, temperature=0), generate(model, one, new_tokens,
+                                                                                    temperature=0))
+    compile_s = time.perf_counter() - t0
+    same_batch = torch.equal(generate(compiled, many, 20, temperature=0), generate(model, many, 20, temperature=0))
+    times = {name: [] for name in ("eager", "compiled", "eager ×8", "compiled ×8", "run.c")}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_run_files(Path(tmp) / "run", {"model": model_config_dict(model), "tokenizer": "char",
+                                           "tokenizer_file": "tokenizer.json"}, tok, "tokenizer.json")
+        save_weights(model, Path(tmp) / "run" / WEIGHTS)
+        l2c = export_llama2c(Path(tmp) / "run", Path(tmp) / "l2c")
+        for _ in range(rounds):  # alternate, so that a change in the machine's load hits every row alike
+            for name, net, prompt in (("eager", model, one), ("compiled", compiled, one), ("eager ×8", model, many),
+                                      ("compiled ×8", compiled, many)):
+                seconds, _ = median_time(lambda: generate(net, prompt, new_tokens, temperature=0), repeats=1)
+                times[name].append(prompt.size(0) * new_tokens / seconds)
+            if llama2c_run:
+                times["run.c"].append(run_c_tokens_per_sec(llama2c_run, l2c, new_tokens, core))
+    best = {name: statistics.median(v) for name, v in times.items() if v}
+    print(f"llama preset ({model.num_params():,} params, window {cfg.block_size}), {new_tokens} new tokens from one, "
+          f"greedy, 1 thread on core {core}, medians of {rounds} alternating rounds; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; --compile took {compile_s:.0f} s the first time\n")
+    base = best.get("run.c")
+    print_table(["generation", "tokens/s", "vs run.c"], [
+        [name, f"{value:,.0f}", f"{value / base:.2f}×" if base else ""] for name, value in best.items()])
+    print(f"\ngreedy output of --compile equal to eager: {same} (1 prompt, {new_tokens} tokens), {same_batch} "
+          f"(batch of {batch}, 20 tokens)")
+    if not llama2c_run:
+        print("run.c skipped: give --llama2c-run PATH, a run built from llama2.c's run.c (gcc -O3 -march=native)")
+    print("goal: ≥ 1.0× run.c, one thread, 500 new tokens")
+
+
+BENCHES["generate-c"] = bench_generate_c
+
+
+def bench_threads(steps=60):
+    """Training tokens/s on both cores: 1 thread, 2 threads, 2 DDP processes; gpt and llama recipes."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in ("gpt", "llama"):
+            flags = ["train.py", *PRESET_RECIPES[preset], "--steps", str(steps), "--eval-interval", str(steps),
+                     "--eval-iters", "2", "--log-interval", "5"]
+            ways = (("1 process × 1 thread", [sys.executable, *flags], 1),
+                    ("1 process × 2 threads", [sys.executable, *flags], 2),
+                    ("2 DDP processes × 1 thread", [sys.executable, "-m", "torch.distributed.run",
+                                                    "--nproc_per_node=2", *flags], 1))
+            speeds = []
+            for label, command, threads in ways:
+                run_dir = f"{tmp}/{preset}{len(speeds)}"
+                run_child([*command, "--out", run_dir], threads=threads)
+                speeds.append(steady_tokens_per_sec(run_dir))
+                rows.append([preset, label, f"{speeds[-1]:,.0f}", f"{speeds[-1] / speeds[0]:.2f}×"])
+    print(f"{steps} steps each, tokens/s after the first 20 steps; load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} cores\n")
+    print_table(["recipe", "how", "training tokens/s", "vs 1 thread"], rows)
+
+
+BENCHES["threads"] = bench_threads
+
+
+if __name__ == "__main__":
+    main(BENCHES, __doc__, PATHS)

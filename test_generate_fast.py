@@ -1,0 +1,65 @@
+"""The fast generation paths: a batch of prompts in one call, and --compile, each against the plain path."""
+import dataclasses
+
+import pytest
+import torch
+import torch._inductor.config
+
+import sample
+from sample import compile_for_generation, generate
+from transformer import PRESETS, Transformer
+
+TINY = dict(block_size=24, n_layer=2, n_head=2, n_embd=16, vocab_size=11)
+
+
+def tiny(preset, seed=0):
+    torch.manual_seed(seed)
+    return Transformer(dataclasses.replace(PRESETS[preset], **TINY)).eval()
+
+
+@pytest.mark.parametrize("preset", ["gpt", "llama"])
+@pytest.mark.parametrize("kv_cache", [True, False])
+def test_a_batch_of_8_prompts_gives_each_row_what_it_gives_alone(preset, kv_cache):
+    model = tiny(preset)
+    prompts = torch.randint(TINY["vocab_size"], (8, 5), generator=torch.Generator().manual_seed(1))
+    together = generate(model, prompts, 40, temperature=0, kv_cache=kv_cache)  # 45 tokens: the window jumps
+    assert together.shape == (8, 45)
+    for row in range(8):
+        alone = generate(model, prompts[row:row + 1], 40, temperature=0, kv_cache=kv_cache)
+        assert torch.equal(together[row], alone[0]), row
+
+
+def test_rows_that_stop_early_keep_their_stop_id_and_the_others_go_on():
+    model = tiny("llama")
+    prompts = torch.randint(TINY["vocab_size"], (8, 3), generator=torch.Generator().manual_seed(2))
+    free = generate(model, prompts, 12, temperature=0)
+    stop = int(free[0, 3 + 4])  # the 5th new token of row 0: row 0 stops there, at the latest
+    stopped = generate(model, prompts, 12, temperature=0, stop_ids=[stop])
+    for row in range(8):
+        new = free[row, 3:].tolist()
+        if stop in new:
+            cut = 3 + new.index(stop) + 1
+            assert torch.equal(stopped[row, :cut], free[row, :cut])
+            assert (stopped[row, cut:] == stop).all()
+        else:
+            assert torch.equal(stopped[row], free[row, :stopped.size(1)])
+
+
+def test_the_token_buffer_is_written_once_not_copied_per_step(monkeypatch):
+    """No per-step torch.cat of the growing sequence: the loop writes into one buffer allocated up front."""
+    model = tiny("gpt")
+    calls = []
+    real_cat = torch.cat
+    monkeypatch.setattr(sample.torch, "cat", lambda *a, **k: calls.append(1) or real_cat(*a, **k))
+    out = generate(model, torch.zeros(1, 1, dtype=torch.long), 30, temperature=0)
+    assert out.shape == (1, 31) and calls == []
+
+
+def test_compiled_greedy_output_equals_the_eager_output(monkeypatch):
+    # Inductor's pool of compiling processes ends a pytest run that captures output, silently: compile here.
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
+    eager = tiny("llama")
+    compiled = compile_for_generation(tiny("llama"))  # the same seed: the same weights
+    prompts = torch.randint(TINY["vocab_size"], (2, 4), generator=torch.Generator().manual_seed(3))
+    for rows, new in ((prompts[:1], 30), (prompts, 8)):  # 34 tokens: past the window (a new prefill)
+        assert torch.equal(generate(compiled, rows, new, temperature=0), generate(eager, rows, new, temperature=0))
