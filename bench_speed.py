@@ -11,6 +11,7 @@ is given); this project never ships or builds their code.
     python bench_speed.py threads
 """
 import dataclasses
+import importlib.util
 import os
 import re
 import statistics
@@ -27,7 +28,7 @@ from bench import (NANOGPT, NANOGPT_FLAGS, PRESET_RECIPES, main, median_time, pr
                    run_side_by_side, steady_tokens_per_sec)
 from char_tokenizer import CharTokenizer
 from checkpoint import WEIGHTS, load_run, model_config_dict, save_run_files, save_weights
-from export import export_llama2c
+from export import export_gguf, export_llama2c
 from sample import compile_for_generation, generate
 from transformer import PRESETS, Transformer
 
@@ -131,8 +132,21 @@ def run_c_tokens_per_sec(run_c, model_dir, new_tokens, core):
     return float(re.findall(r"achieved tok/s: ([\d.]+)", out)[-1])
 
 
+def llama_cpp_tokens_per_sec(gguf_path, new_tokens):
+    """llama.cpp (through llama-cpp-python) on the GGUF export: greedy tokens/s from one start token, one thread."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_path), n_ctx=new_tokens + 12, n_threads=1, verbose=False)
+    start = time.perf_counter()
+    for n, _ in enumerate(llm.generate([0], temp=0.0, top_k=1), 1):
+        if n == new_tokens:
+            break
+    return new_tokens / (time.perf_counter() - start)
+
+
 def bench_generate_c(llama2c_run=None, new_tokens=500, batch=8, rounds=3):
-    """Generation: ours (eager, --compile) against llama2.c's run.c on the same weights, and a batch of 8."""
+    """Generation: ours (eager, --compile) against llama2.c's run.c on the same weights, and a batch of 8;
+    llama.cpp on the GGUF export too where llama-cpp-python is installed."""
     core = max(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {core})  # this process and run.c take turns on one core
     torch.manual_seed(0)
@@ -147,12 +161,14 @@ def bench_generate_c(llama2c_run=None, new_tokens=500, batch=8, rounds=3):
                                                                                     temperature=0))
     compile_s = time.perf_counter() - t0
     same_batch = torch.equal(generate(compiled, many, 20, temperature=0), generate(model, many, 20, temperature=0))
-    times = {name: [] for name in ("eager", "compiled", "eager ×8", "compiled ×8", "run.c")}
+    times = {name: [] for name in ("eager", "compiled", "eager ×8", "compiled ×8", "run.c", "llama.cpp")}
+    llama_cpp = importlib.util.find_spec("llama_cpp") is not None
     with tempfile.TemporaryDirectory() as tmp:
         save_run_files(Path(tmp) / "run", {"model": model_config_dict(model), "tokenizer": "char",
                                            "tokenizer_file": "tokenizer.json"}, tok, "tokenizer.json")
         save_weights(model, Path(tmp) / "run" / WEIGHTS)
         l2c = export_llama2c(Path(tmp) / "run", Path(tmp) / "l2c")
+        gguf_path = export_gguf(Path(tmp) / "run", Path(tmp) / "model.gguf") if llama_cpp else None
         for _ in range(rounds):  # alternate, so that a change in the machine's load hits every row alike
             for name, net, prompt in (("eager", model, one), ("compiled", compiled, one), ("eager ×8", model, many),
                                       ("compiled ×8", compiled, many)):
@@ -160,6 +176,8 @@ def bench_generate_c(llama2c_run=None, new_tokens=500, batch=8, rounds=3):
                 times[name].append(prompt.size(0) * new_tokens / seconds)
             if llama2c_run:
                 times["run.c"].append(run_c_tokens_per_sec(llama2c_run, l2c, new_tokens, core))
+            if llama_cpp:
+                times["llama.cpp"].append(llama_cpp_tokens_per_sec(gguf_path, new_tokens))
     best = {name: statistics.median(v) for name, v in times.items() if v}
     print(f"llama preset ({model.num_params():,} params, window {cfg.block_size}), {new_tokens} new tokens from one, "
           f"greedy, 1 thread on core {core}, medians of {rounds} alternating rounds; load average "
@@ -171,6 +189,8 @@ def bench_generate_c(llama2c_run=None, new_tokens=500, batch=8, rounds=3):
           f"(batch of {batch}, 20 tokens)")
     if not llama2c_run:
         print("run.c skipped: give --llama2c-run PATH, a run built from llama2.c's run.c (gcc -O3 -march=native)")
+    if not llama_cpp:
+        print("llama.cpp skipped: pip install llama-cpp-python (it builds llama.cpp, ~40 min on 2 cores)")
     print("goal: ≥ 1.0× run.c, one thread, 500 new tokens")
 
 
