@@ -36,10 +36,10 @@ import evaluate
 import train
 from bpe_tokenizer import load_tokenizer
 from char_tokenizer import CharTokenizer
-from checkpoint import STATE, WEIGHTS, load_run, load_training_state, model_config_dict, save_run_files, save_weights
+from checkpoint import (STATE, WEIGHTS, load_run, load_training_state, model_config_dict, read_metrics, save_run_files,
+                        save_weights)
 from quantize import quantize_run
 from sample import generate
-from training_loop import read_metrics
 from transformer import PRESETS, Transformer
 
 CORPUS = "tiny_shakespeare.txt"

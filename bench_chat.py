@@ -31,10 +31,9 @@ import torch
 
 import finetune
 from chat_format import CHAT_TOKENS, chat_ids, encode_chat
-from checkpoint import build_model, load_run, read_config
+from checkpoint import build_model, load_run, read_config, read_metrics
 from clean_text import detect_language
 from sample import generate
-from training_loop import read_metrics
 
 MAX_REPLY = 128  # tokens a reply may take to reach <|end|>
 

@@ -7,7 +7,8 @@ Everything a run needs lives in one directory, `out/<run>/`:
     model.safetensors      the latest weights   (what sample / evaluate / cli load)
     best.safetensors       the weights at the best validation loss
     checkpoint_latest.pt   the full training state, for `train.py --resume`
-    metrics.jsonl          one JSON object per log or evaluation
+    metrics.jsonl          one JSON object per log or evaluation (read_metrics)
+    loss.png               the losses so far (plot_losses)
 
 Two rules keep it safe. Every write is atomic (a temporary file, fsync, then
 a rename), so killing the process at any instant leaves the previous
@@ -138,6 +139,54 @@ def load_weights(model, path, quantization=None):
     check_state_dict(tensors, model, path)
     model.load_state_dict(tensors, strict=True)
     return model
+
+
+def append_metrics(run_dir, row):
+    if run_dir is not None:
+        with open(Path(run_dir) / METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl. Rows are appended, so a process killed mid-write can leave a torn
+    last line (and only that one): it is dropped."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    return [json.loads(line) for line in lines]
+
+
+def plot_losses(runs, path):
+    """Train and val loss against step, one pair of curves per run; `runs` maps a label to its rows.
+
+    Returns False (and writes nothing) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax_step, ax_tok) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, rows in runs.items():
+        for key, style in (("train_loss", "-"), ("val_loss", "o-")):
+            pts = [(r["step"], r.get("tokens", 0), r[key]) for r in rows if key in r]
+            if pts:
+                steps, tokens, losses = zip(*pts)
+                name = f"{label} {key.split('_')[0]}"
+                ax_step.plot(steps, losses, style, ms=3, label=name)
+                ax_tok.plot(tokens, losses, style, ms=3, label=name)
+    ax_step.set_xlabel("step")
+    ax_tok.set_xlabel("tokens seen")
+    for ax in (ax_step, ax_tok):
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))  # a kill never leaves half a PNG
+    plt.close(fig)
+    return True
 
 
 def save_run_files(run_dir, config, tokenizer, tokenizer_file):

@@ -11,8 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from checkpoint import METRICS, resolve_run_dir
-from training_loop import plot_losses, read_metrics
+from checkpoint import METRICS, plot_losses, read_metrics, resolve_run_dir
 
 
 def main(argv=None):

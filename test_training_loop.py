@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import training_loop
 from bigram_lm import BigramLM
 from training_loop import TrainConfig, TrainingDiverged, estimate_loss, lr_at, make_optimizer, step_progress, train_loop
@@ -177,10 +178,10 @@ def test_an_inf_gradient_stops_before_the_update(grad_clip):
 def test_read_metrics_drops_only_a_torn_last_row(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "train_lo')
-    assert training_loop.read_metrics(path) == [{"step": 1}, {"step": 2}]
+    assert checkpoint.read_metrics(path) == [{"step": 1}, {"step": 2}]
     path.write_text('{"step": 1}\n{"step": 2, "train_lo\n{"step": 3}\n')  # a broken row inside is an error
     with pytest.raises(ValueError):
-        training_loop.read_metrics(path)
+        checkpoint.read_metrics(path)
 
 
 @pytest.mark.parametrize("preset", ["moe", "llama"])

@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from dataset import atomic_write, default_workers
+from dataset import default_workers
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -260,54 +260,6 @@ class LoopState:
     tokens: int = 0
 
 
-def append_metrics(run_dir, row):
-    if run_dir is not None:
-        with open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def read_metrics(path):
-    """The rows of a metrics.jsonl. Rows are appended, so a process killed mid-write can leave a torn
-    last line (and only that one): it is dropped."""
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    if lines and not lines[-1].endswith("\n"):
-        lines.pop()
-    return [json.loads(line) for line in lines]
-
-
-def plot_losses(runs, path):
-    """Train and val loss against step, one pair of curves per run; `runs` maps a label to its rows.
-
-    Returns False (and writes nothing) when matplotlib is not installed.
-    """
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, (ax_step, ax_tok) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, rows in runs.items():
-        for key, style in (("train_loss", "-"), ("val_loss", "o-")):
-            pts = [(r["step"], r.get("tokens", 0), r[key]) for r in rows if key in r]
-            if pts:
-                steps, tokens, losses = zip(*pts)
-                name = f"{label} {key.split('_')[0]}"
-                ax_step.plot(steps, losses, style, ms=3, label=name)
-                ax_tok.plot(tokens, losses, style, ms=3, label=name)
-    ax_step.set_xlabel("step")
-    ax_tok.set_xlabel("tokens seen")
-    for ax in (ax_step, ax_tok):
-        ax.set_ylabel("loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))  # a kill never leaves half a PNG
-    plt.close(fig)
-    return True
-
-
 def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, run_dir=None, save=None,
                device_type="cpu", is_main=True, world_size=1, on_eval=None, step_seed=None, clock=time.perf_counter):
     """Train `model` until `cfg.steps` (or `cfg.max_time`) and return the LoopState.
@@ -378,7 +330,7 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
                 means = {name: sum(r[name] for r in recent) / len(recent) for name in logged}
                 row = {"step": state.step, **means, "lr": lr,
                        "tokens_per_sec": round(tok_s), "tokens": state.tokens, "elapsed": round(state.elapsed, 2)}
-                append_metrics(run_dir, row)
+                ckpt.append_metrics(run_dir, row)
                 aux = f" aux {row['aux_loss']:.3f}" if "aux_loss" in row else ""
                 bar.set_postfix_str(f"loss {row['train_loss']:.4f}{aux} lr {lr:.2e} {tok_s:,.0f} tok/s")
                 recent = []
@@ -396,7 +348,7 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
                 if is_main:
                     row = {"step": state.step, "val_loss": val, "tokens": state.tokens,
                            **(on_eval(model) if on_eval else {})}
-                    append_metrics(run_dir, row)
+                    ckpt.append_metrics(run_dir, row)
                     bar.write(f"step {state.step}: val loss {val:.4f}" + (" (best)" if improved else ""))
                     if save:
                         save(state, val if improved else None)
@@ -435,7 +387,8 @@ def restore(run_dir, model, optimizer, is_main):
         for tmp in run_dir.glob(".*.tmp"):  # dataset.atomic_write's names
             tmp.unlink()
         if (run_dir / ckpt.METRICS).exists():
-            kept = [json.dumps(r) + "\n" for r in read_metrics(run_dir / ckpt.METRICS) if r["step"] <= state.step]
+            rows = ckpt.read_metrics(run_dir / ckpt.METRICS)
+            kept = [json.dumps(r) + "\n" for r in rows if r["step"] <= state.step]
             ckpt.atomic_write_bytes(run_dir / ckpt.METRICS, "".join(kept).encode())
     return state
 
@@ -458,8 +411,8 @@ def saver(run_dir, model, optimizer, weights_of=None):
             ckpt.save_weights(weights, run_dir / ckpt.BEST_WEIGHTS)
         ckpt.save_training_state(run_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                            "loop": dataclasses.asdict(state), "rng": rng_state()})
-        if not plot_losses({run_dir.name: read_metrics(run_dir / ckpt.METRICS)}, run_dir / "loss.png") \
-                and plot_note:
+        rows = ckpt.read_metrics(run_dir / ckpt.METRICS)
+        if not ckpt.plot_losses({run_dir.name: rows}, run_dir / "loss.png") and plot_note:
             print(plot_note.pop())
     return save
 
