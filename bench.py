@@ -40,6 +40,7 @@ from checkpoint import (STATE, WEIGHTS, load_run, load_training_state, model_con
                         save_weights)
 from quantize import quantize_run
 from sample import generate
+from training_loop import flops_per_token
 from transformer import PRESETS, Transformer
 
 CORPUS = "tiny_shakespeare.txt"
@@ -87,12 +88,6 @@ def matmul_peak_gflops(n=1024, repeats=20):
     a, b = torch.randn(n, n), torch.randn(n, n)
     best = min(median_time(lambda: a @ b, repeats=repeats)[0] for _ in range(3))
     return 2 * n ** 3 / best / 1e9
-
-
-def flops_per_token(model, block_size):
-    """Training FLOPs per token: 6 per parameter plus attention's 12·L·C·T (the PaLM estimate)."""
-    cfg = model.config
-    return 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * block_size
 
 
 def train_and_score(argv, out_dir, split="heldout"):
