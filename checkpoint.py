@@ -394,14 +394,14 @@ def config_file_words(path, parser, typed=()):
     positional, words = [], []
     for name, value in settings.items():
         action = actions[name]
-        if name in typed or value is None or value is False and action.nargs == 0:
+        if name in typed or value is None:
             continue
         values = [str(v) for v in value] if isinstance(value, list) else [str(value)]
-        if not action.option_strings:
-            positional += values
-        elif isinstance(action, argparse.BooleanOptionalAction):
+        if isinstance(action, argparse.BooleanOptionalAction):
             words.append(action.option_strings[0 if value else 1])  # --bias / --no-bias
-        else:
+        elif not action.option_strings:
+            positional += values
+        elif value is not False:  # a store_true flag left off is no word
             words += [action.option_strings[0]] + ([] if action.nargs == 0 else values)
     return positional + words
 

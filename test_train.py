@@ -3,6 +3,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -332,3 +333,75 @@ def test_bad_data_sources_exit_2_with_one_line(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert stop.value.code == 2 and len(err) == 1 and message in err[0], (data, err)
         assert not (tmp_path / "bad").exists()
+
+
+def test_a_runs_config_json_reproduces_it_and_typed_flags_win(tmp_path, corpus, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, "--steps", "6", "--eval-interval", "3", "--lr", "3e-3", "--dropout", "0.1", "--no-bias")
+    train.run(["--config", str(tmp_path / "run" / "config.json"), "--out", str(tmp_path / "again")])
+    assert file_bytes(tmp_path / "run", "model.safetensors") == file_bytes(tmp_path / "again", "model.safetensors")
+    original, again = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("run", "again"))
+    assert again["model"] == original["model"] and again["resolved"] == original["resolved"]
+    typed_first = {k: v for k, v in original["args"].items() if v is not None and k != "out"}
+    assert typed_first.items() <= again["args"].items()  # and every model field, from the file's "model"
+    (tmp_path / "settings.json").write_text(json.dumps({"steps": 4, "lr": 2e-3, "n_layer": 2, "bias": True}))
+    train.run(["--data", str(corpus), "--config", "settings.json", "--lr", "1e-3", "--out", "typed",
+               "--block-size", "16", "--n-embd", "32", "--eval-interval", "4", "--eval-iters", "1"])
+    config = json.loads((tmp_path / "typed" / "config.json").read_text())
+    assert (config["args"]["steps"], config["args"]["lr"]) == (4, 1e-3)  # the file's steps, the typed lr
+    assert config["model"]["n_layer"] == 2 and config["model"]["bias"] is True and "config" not in config["args"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{'lr': 1e-3}", "is not JSON"),
+    ('{"lr": 1e-3, "learning_rate": 1e-3, "layers_n": 2}', "unknown keys layers_n, learning_rate"),
+    ("[1, 2]", "holds a JSON list"),
+])
+def test_a_bad_config_file_exits_2_with_one_line(tmp_path, monkeypatch, capsys, content, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "settings.json").write_text(content)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--config", "settings.json", "--out", "bad"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_lr_scaling_scales_both_rates_and_records_them(tmp_path, corpus, monkeypatch, capsys):
+    """The gpt preset's reference is 12 × 64 tokens; 48 × 16 × 4 accumulated is 4 times that."""
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, "--steps", "2", "--eval-interval", "2", "--batch-size", "48", "--grad-accum", "4",
+              "--lr", "1e-3", "--min-lr", "1e-4", "--warmup-steps", "0", "--lr-scaling", "sqrt")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["resolved"]["tokens_per_step"] == 4 * train.REFERENCE_TOKENS["gpt"]
+    assert (config["resolved"]["lr"], config["resolved"]["min_lr"]) == pytest.approx((2e-3, 2e-4))
+    assert config["args"]["lr"] == 1e-3  # what was asked for: --config of this run scales it again alike
+    assert metrics(tmp_path / "run")[0]["lr"] == pytest.approx(2e-3)  # step 0, no warm-up: the peak
+    assert "learning rate 0.002 → 0.0002" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr-scaling", "sqrt", "--preset", "unmeasured"], "preset unmeasured has no reference batch"),
+    (["--lr-scaling", "linear", "--model", "bigram"], "the bigram model has no reference batch"),
+    (["--dtype", "float16"], "--dtype float16: autocast on a CPU supports bfloat16 only"),
+])
+def test_a_setting_the_machine_or_preset_cannot_take_exits_2(tmp_path, corpus, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(train.PRESETS, "unmeasured", train.PRESETS["gpt"])
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--data", str(corpus), "--out", "bad", "--device", "cpu", "--block-size", "16", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_estimate_prints_the_run_and_writes_nothing(tmp_path, corpus, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    result = run_train(tmp_path, "--steps", "500", "--eval-interval", "100", "--estimate")
+    out = capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+    V, T, C = int(re.search(r"vocab (\d+)", out).group(1)), 16, 32
+    n = V * C + T * C + (12 * C * C + 2 * C) + C  # embeddings, one layer, the last norm
+    assert f"{n:,} parameters, {6 * n + 12 * 32 * 16:,} FLOPs per token" in out and "estimate:" in out
+    assert result["memory"]["optimizer"] == 8 * n and result["seconds_per_step"] > 0
+    assert result["seconds"] == pytest.approx(500 * result["seconds_per_step"] + 5 * result["seconds_per_eval"])
