@@ -25,6 +25,7 @@ import sys
 
 import torch
 
+from char_tokenizer import replace_unencodable_output
 from checkpoint import load_run, resolve_run_dir
 from dataset import (CACHE_DIR, as_tensor, encode_cached, parts_text, recorded_sources, resolve_paths, scan_source,
                      split_parts)
@@ -111,6 +112,7 @@ def write_samples(model, tok, text, path, n=3, max_new_tokens=200, seed=0):
 
 
 def main(argv=None):
+    replace_unencodable_output()
     p = argparse.ArgumentParser(description="Score a trained run on a whole split.")
     p.add_argument("run", help="run directory (or a file in it)")
     p.add_argument("--split", choices=SPLITS, default="val", help="which part of the corpus (default: %(default)s)")

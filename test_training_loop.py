@@ -81,7 +81,7 @@ def test_short_training_lowers_val_loss_and_logs(tmp_path):
     before = estimate_loss(model, [(x, y)])
     train_loop(model, make_optimizer(model, cfg), cfg, lambda: (x, y), [(x, y)], run_dir=tmp_path)
     assert estimate_loss(model, [(x, y)]) < before - 1.0
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["step"] for r in rows if "train_loss" in r] == [10, 20, 30, 40, 50, 60]
     assert [r["step"] for r in rows if "val_loss" in r] == [30, 60]
     assert all({"lr", "tokens_per_sec"} <= r.keys() for r in rows if "train_loss" in r)
@@ -177,9 +177,10 @@ def test_an_inf_gradient_stops_before_the_update(grad_clip):
 
 def test_read_metrics_drops_only_a_torn_last_row(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "train_lo')
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "train_lo', encoding="utf-8")
     assert checkpoint.read_metrics(path) == [{"step": 1}, {"step": 2}]
-    path.write_text('{"step": 1}\n{"step": 2, "train_lo\n{"step": 3}\n')  # a broken row inside is an error
+    path.write_text('{"step": 1}\n{"step": 2, "train_lo\n{"step": 3}\n',
+                    encoding="utf-8")  # a broken row inside is an error
     with pytest.raises(ValueError):
         checkpoint.read_metrics(path)
 
@@ -203,7 +204,8 @@ def test_train_loss_is_the_cross_entropy_and_moe_logs_its_aux_loss_apart(tmp_pat
 
     cfg = TrainConfig(steps=2, grad_accum=2, batch_size=4, warmup_steps=0, eval_interval=2, log_interval=2)
     train_loop(model, make_optimizer(model, cfg), cfg, next_batch, val, run_dir=tmp_path)
-    train_row, val_row = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    train_row, val_row = [json.loads(line) for line in rows]
     assert train_row["train_loss"] == pytest.approx(sum(cross_entropy) / 4, rel=1e-5)
     logits, _ = model(val[0][0])
     assert val_row["val_loss"] == pytest.approx(F.cross_entropy(logits.flatten(0, 1), val[0][1].flatten()).item(),

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 import checkpoint as ckpt
+from char_tokenizer import replace_unencodable_output
 from components import swiglu_hidden
 from dataset import default_workers
 
@@ -440,6 +441,7 @@ def saver(run_dir, model, optimizer, weights_of=None):
 
 def run_command(run, argv=None):
     """main() of a training command: a user's error is one line and exit 2, divergence 1, Ctrl-C 130."""
+    replace_unencodable_output()
     try:
         run(argv)
     except (ValueError, FileNotFoundError) as e:
