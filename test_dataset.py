@@ -1,6 +1,8 @@
 import ast
 import hashlib
+import multiprocessing
 import os
+import pickle
 import random
 import re
 import signal
@@ -351,3 +353,30 @@ def test_every_text_file_is_read_and_written_as_utf8():
     found = {path.name: lines for path in sorted(ROOT.glob("*.py"))
              if (lines := text_io_without_encoding(path.read_text(encoding="utf-8")))}
     assert found == {}
+
+
+def test_a_block_dataset_over_a_memmap_pickles_its_file_not_its_tokens(tmp_path):
+    """What a DataLoader worker started by spawn receives: the file to map again, and the same blocks."""
+    np.save(tmp_path / "ids.npy", np.arange(50_000, dtype=np.uint16))
+    blocks = BlockDataset(np.load(tmp_path / "ids.npy", mmap_mode="r"), 16)
+    blob = pickle.dumps(blocks)
+    assert len(blob) < 1000 < len(pickle.dumps(BlockDataset(np.arange(50_000, dtype=np.uint16), 16)))
+    again = pickle.loads(blob)
+    assert isinstance(again.data, np.memmap) and len(again) == len(blocks)
+    for i in (0, 7, len(blocks) - 1):
+        assert all(torch.equal(a, b) for a, b in zip(blocks[i], again[i]))
+    view = BlockDataset(np.load(tmp_path / "ids.npy", mmap_mode="r")[1000:2000], 16)  # a view: copied
+    assert torch.equal(pickle.loads(pickle.dumps(view))[0][0], torch.arange(1000, 1016))
+
+
+def test_the_tokenizing_pool_encodes_alike_when_its_processes_start_by_spawn(monkeypatch):
+    """macOS' and Windows' start method: each worker gets the tokenizer's class and saved bytes, nothing forked."""
+    from bpe_tokenizer import train_tokenizer
+    text = mixed_corpus()
+    tok = train_tokenizer("bpe", text, 320)
+    chunks = list(dataset.text_chunks([text], 2000))
+    spawn = multiprocessing.get_context("spawn")
+    monkeypatch.setattr(dataset.multiprocessing, "get_context", lambda method=None: spawn)
+    encoded = list(dataset.encoded_chunks(chunks, tok, np.uint16, workers=2))
+    assert [n for n, _ in encoded] == [len(c) for c in chunks]
+    assert b"".join(ids for _, ids in encoded) == np.asarray(tok.encode(text), dtype=np.uint16).tobytes()

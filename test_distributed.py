@@ -97,3 +97,29 @@ def test_a_resumed_two_process_run_with_dropout_repeats_the_unbroken_one(tmp_pat
     a, b = load_training_state(tmp_path / "straight"), load_training_state(tmp_path / "parts")
     assert a["loop"]["step"] == b["loop"]["step"] == 6
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "the resumed run took other steps"
+
+
+# train.py started as on macOS and Windows: every process the run makes (DataLoader workers, the tokenizing pool)
+# starts by spawn, importing this file afresh; the guard keeps a spawned child from running the command again.
+SPAWN = """
+import multiprocessing
+import sys
+sys.path.insert(0, {root!r})
+if __name__ == "__main__":
+    multiprocessing.set_start_method("spawn")
+    import train
+    train.main(sys.argv[1:])
+"""
+
+
+def test_two_processes_train_when_every_worker_starts_by_spawn(tmp_path):
+    """DDP with a DataLoader worker per rank (--sampler epoch). That a spawned worker reads the blocks a forked one
+    reads, and the tokenizing pool under spawn, are test_dataset's."""
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    (tmp_path / "spawn.py").write_text(SPAWN.format(root=str(ROOT)), encoding="utf-8")
+    flags = [*TINY, "--sampler", "epoch", "--workers", "1"]
+    spawned = torchrun(tmp_path, tmp_path / "spawn.py", ["--data", "t.txt", "--out", "spawn", *flags], 29535)
+    assert spawned.returncode == 0, spawned.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "spawn" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["step"] for r in rows if "train_loss" in r] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 5]

@@ -19,6 +19,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import mmap
 import sys
 import time
 from dataclasses import dataclass
@@ -50,6 +51,20 @@ class BlockDataset(torch.utils.data.Dataset):
 
     def __len__(self):
         return self.n
+
+    def __getstate__(self):
+        """What a DataLoader worker receives: a memmap's file to open again, not a copy of the whole split (a
+        worker started by spawn, as on macOS and Windows, gets its dataset pickled; one forked shares pages)."""
+        state = dict(self.__dict__)
+        if isinstance(self.data, np.memmap) and isinstance(self.data.base, mmap.mmap):  # a whole file, not a view
+            state["data"] = (self.data.filename, self.data.dtype.str, self.data.offset, self.data.shape)
+        return state
+
+    def __setstate__(self, state):
+        if isinstance(state["data"], tuple):
+            filename, dtype, offset, shape = state["data"]
+            state["data"] = np.memmap(filename, dtype=dtype, mode="r", offset=offset, shape=shape)
+        self.__dict__.update(state)
 
     def __getitem__(self, i):
         start = i * self.stride
