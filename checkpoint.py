@@ -15,6 +15,9 @@ a rename), so killing the process at any instant leaves the previous
 checkpoint whole. And nothing here unpickles arbitrary objects: weights come
 from safetensors, the training state through `torch.load(weights_only=True)`.
 
+The command lines' settings live here too: one flag per dataclass field, and
+`--config FILE.json`, which reads flags from a file such as a run's config.json.
+
 New since stage 17: persistence. Run the demo: `python checkpoint.py`
 """
 import argparse

@@ -407,3 +407,12 @@ def test_estimate_prints_the_run_and_writes_nothing(tmp_path, corpus, monkeypatc
     assert f"{n:,} parameters, {6 * n + 12 * 32 * 16:,} FLOPs per token" in out and "estimate:" in out
     assert result["memory"]["optimizer"] == 8 * n and result["seconds_per_step"] > 0
     assert result["seconds"] == pytest.approx(500 * result["seconds_per_step"] + 5 * result["seconds_per_eval"])
+
+
+def test_expected_time_counts_the_steps_and_every_evaluation():
+    cfg = train.TrainConfig(steps=1000, eval_interval=250)
+    assert train.expected_seconds(cfg, 0.1, 2.0) == pytest.approx(1000 * 0.1 + 4 * 2.0)
+    cfg = train.TrainConfig(steps=1000, eval_interval=300)  # at 300, 600, 900 and the last step
+    assert train.expected_seconds(cfg, 0.1, 2.0) == pytest.approx(100 + 4 * 2.0)
+    cfg = train.TrainConfig(steps=10**12, max_time=60, eval_interval=250)  # a time budget: 600 steps of 0.1 s
+    assert train.expected_seconds(cfg, 0.1, 2.0) == pytest.approx(60 + 3 * 2.0)

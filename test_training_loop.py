@@ -295,12 +295,3 @@ def test_the_activation_estimate_matches_what_autograd_saves(preset, vocab, attn
     model = Transformer(config)
     estimate = training_loop.memory_estimate(model, TrainConfig(batch_size=3), 32, "float32")["activations"]
     assert estimate == pytest.approx(saved_for_backward(model, torch.randint(vocab, (3, 32))), rel=0.15)
-
-
-def test_expected_time_counts_the_steps_and_every_evaluation():
-    cfg = TrainConfig(steps=1000, eval_interval=250)
-    assert training_loop.expected_seconds(cfg, 0.1, 2.0) == pytest.approx(1000 * 0.1 + 4 * 2.0)
-    cfg = TrainConfig(steps=1000, eval_interval=300)  # at 300, 600, 900 and the last step
-    assert training_loop.expected_seconds(cfg, 0.1, 2.0) == pytest.approx(100 + 4 * 2.0)
-    cfg = TrainConfig(steps=10**12, max_time=60, eval_interval=250)  # a time budget: 600 steps of 0.1 s
-    assert training_loop.expected_seconds(cfg, 0.1, 2.0) == pytest.approx(60 + 3 * 2.0)

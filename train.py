@@ -6,14 +6,20 @@
     python train.py --resume out/llama-bpe            # continue exactly where it stopped
     python train.py --data notes/ books/*.txt chat.jsonl   # many sources: files, folders, globs
     torchrun --nproc_per_node=2 train.py ...          # data-parallel on 2 processes
+    python train.py --preset llama --estimate         # parameters, FLOPs, memory and time of the run, then exit
+    python train.py --config out/llama/config.json --out out/again   # that run's settings again
+    python train.py --preset llama --batch-size 64 --lr-scaling sqrt  # --lr scaled to 4× the tokens per step
 
 Every flag is built from a dataclass field (`TrainConfig` in training_loop.py,
 `ModelConfig` in transformer.py), so `--help` lists every setting with its
-default. The resolved configuration is printed and saved in the run directory.
+default; `--config FILE.json` reads flags from a file (typed ones win). The resolved configuration, with
+the precision (`--dtype auto`: float32 on CPU and MPS, bfloat16 or float16 on CUDA) and learning rates the
+machine and batch led to, is printed and saved in the run directory.
 """
 import argparse
 import dataclasses
 import hashlib
+import math
 import os
 import sys
 import time
@@ -30,8 +36,8 @@ from dataset import (CACHE_DIR, DEFAULT_CORPUS, SAMPLE_WINDOWS, TOKENIZER_SAMPLE
                      scan_source, split_bounds, split_parts)
 from checkpoint import add_dataclass_flags, flag, parse_flags, seed_everything
 from training_loop import (LoopState, TrainConfig, choose_precision, device_capabilities, epoch_batches,
-                           estimate_loss, expected_seconds, flops_per_token, make_optimizer, memory_estimate, restore,
-                           run_command, saver, scaled_lr, seconds_per_step, train_loop)
+                           estimate_loss, flops_per_token, make_optimizer, memory_estimate, restore, run_command, saver,
+                           scaled_lr, train_loop)
 from transformer import PRESETS, ModelConfig, Transformer
 
 # A bigram table learns from zero, one logit at a time: it wants a larger step and no decay.
@@ -219,6 +225,25 @@ def batch_stream(args, ids, block_size, batch_size, rank, world, start, device):
         generator.manual_seed(hash((args["seed"], rank, next(counter))))
         return get_batch(ids, block_size, batch_size, generator, device)
     return next_batch
+
+
+def seconds_per_step(model, optimizer, cfg, next_batch, device_type, world_size=1, warmup=2, timed=8):
+    """Seconds an optimizer step takes on this device, through the one training loop: `warmup` steps (memory,
+    caches, compilation) and then the mean of `timed` more. It trains the model: --estimate exits after it."""
+    quick = dataclasses.replace(cfg, steps=warmup, max_time=0.0, eval_interval=10**9, patience=0)
+    probe = [next_batch()]  # the loop evaluates after its last step; this one batch keeps that short
+    state = train_loop(model, optimizer, quick, next_batch, probe, device_type=device_type, is_main=False,
+                       world_size=world_size)
+    before = state.elapsed
+    train_loop(model, optimizer, dataclasses.replace(quick, steps=warmup + timed), next_batch, probe, state=state,
+               device_type=device_type, is_main=False, world_size=world_size)
+    return (state.elapsed - before) / timed
+
+
+def expected_seconds(cfg, step_seconds, eval_seconds):
+    """How long a run takes: its steps (or --max-time), plus an evaluation every eval_interval steps and at the end."""
+    steps = min(cfg.steps, cfg.max_time / step_seconds) if cfg.max_time else cfg.steps
+    return steps * step_seconds + math.ceil(steps / cfg.eval_interval) * eval_seconds
 
 
 def learning_rate_line(args, tcfg, tokens_per_step):

@@ -11,7 +11,9 @@ Its run-directory half, `saver` and `restore`, writes and reads back the
 checkpoints, so that train.py and finetune.py save and resume alike.
 
 New since stage 7: the optimizer and schedule (14), evaluation during
-training (8), precision and accumulation (21), distributed-aware logging (22).
+training (8), precision and accumulation (21), distributed-aware logging (22),
+and fitting the machine: the precision its device supports, learning rates
+scaled to the batch, and estimates of a run's FLOPs, memory and time.
 Run the demo: `python training_loop.py` (a bigram model on a toy text).
 """
 import contextlib
@@ -23,7 +25,6 @@ import mmap
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -238,25 +239,6 @@ def memory_estimate(model, cfg, block_size, dtype):
     per_value = 2 if dtype in ("bfloat16", "float16") else 4
     return {"weights": weights, "gradients": 4 * trainable, "optimizer": 8 * trainable,
             "activations": per_value * cfg.batch_size * block_size * activation_elements(model, block_size)}
-
-
-def seconds_per_step(model, optimizer, cfg, next_batch, device_type, world_size=1, warmup=2, timed=8):
-    """Seconds an optimizer step takes on this device, through the one training loop: `warmup` steps (memory,
-    caches, compilation) and then the mean of `timed` more. It trains the model: --estimate exits after it."""
-    quick = dataclasses.replace(cfg, steps=warmup, max_time=0.0, eval_interval=10**9, patience=0)
-    probe = [next_batch()]  # the loop evaluates after its last step; this one batch keeps that short
-    state = train_loop(model, optimizer, quick, next_batch, probe, device_type=device_type, is_main=False,
-                       world_size=world_size)
-    before = state.elapsed
-    train_loop(model, optimizer, dataclasses.replace(quick, steps=warmup + timed), next_batch, probe, state=state,
-               device_type=device_type, is_main=False, world_size=world_size)
-    return (state.elapsed - before) / timed
-
-
-def expected_seconds(cfg, step_seconds, eval_seconds):
-    """How long a run takes: its steps (or --max-time), plus an evaluation every eval_interval steps and at the end."""
-    steps = min(cfg.steps, cfg.max_time / step_seconds) if cfg.max_time else cfg.steps
-    return steps * step_seconds + math.ceil(steps / cfg.eval_interval) * eval_seconds
 
 
 @torch.no_grad()
