@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent
 # Tiny Shakespeare at the repo root (train.py fetches it there), else the shared copy beside the checkout.
 DATA = next((str(p) for p in (ROOT / CORPUS, ROOT.parent / "shared/data" / CORPUS) if p.exists()), CORPUS)
 RULES = ("none", "sqrt", "linear")
+PRESET_LR = {"gpt": 1e-3, "llama": 3e-3, "moe": 3e-3}  # the rates chosen at REFERENCE_TOKENS (bench.py's recipes)
 RECIPE = ["--lr", "3e-3", "--min-lr", "3e-4", "--weight-decay", "0.1", "--beta2", "0.99", "--grad-clip", "1.0"]
 
 
@@ -169,21 +170,22 @@ def bench_hardware(steps=50):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in PRESETS:
+            batch, lr = REFERENCE_TOKENS[preset] // PRESETS[preset].block_size, PRESET_LR[preset]
             for threads, cores in ((1, "0"), (2, "0,1")):
-                flags = ["--preset", preset, "--steps", str(steps), "--eval-interval", str(steps), "--eval-iters", "1"]
+                flags = ["--preset", preset, "--batch-size", str(batch), "--lr", str(lr), "--min-lr", str(lr / 10),
+                         "--steps", str(steps), "--eval-interval", str(steps), "--eval-iters", "1"]
                 _, rss, _ = train_child(flags, Path(tmp) / f"{preset}{threads}", cores, threads)
                 elapsed = [r["elapsed"] for r in read_metrics(Path(tmp) / f"{preset}{threads}" / "metrics.jsonl")
                            if "elapsed" in r][-1]
-                rows.append([preset, f"CPU, {threads} thread{'s' * (threads > 1)} (measured)", 12,
-                             "1e-3 (default)", f"{elapsed / steps * 1000 / 60:.1f} min", f"{rss:,.0f} MB"])
+                rows.append([preset, f"CPU, {threads} thread{'s' * (threads > 1)} (measured)", batch, f"{lr:g}",
+                             f"{elapsed / steps * 1000 / 60:.1f} min", f"{rss:,.0f} MB"])
             for gpu in GPUS:
                 seconds, gb = gpu_estimate(preset, gpu)
-                reference = REFERENCE_TOKENS[preset] // PRESETS[preset].block_size
-                lr = 3e-3 if preset != "gpt" else 1e-3
                 rows.append([preset, f"{gpu}, {GPUS[gpu]['dtype']} (estimate)", GPU_BATCH,
-                             f"{lr * math.sqrt(GPU_BATCH / reference):.1g} (--lr {lr:g} --lr-scaling sqrt)",
+                             f"{lr * math.sqrt(GPU_BATCH / batch):.2g} (--lr {lr:g} --lr-scaling sqrt)",
                              f"{seconds:.0f} s", f"{gb:.1f} GB"])
-    print(f"CPU rows: {steps}-step runs of the default flags (batch 12) scaled to 1,000 steps, training time only; "
+    print(f"CPU rows: {steps}-step runs at each preset's reference batch and rate, scaled to 1,000 steps, training "
+          "time only; "
           "peak RSS of the whole process; measured while other jobs shared the machine. GPU rows: estimates, "
           f"not measured: {FLOP_UTILISATION:.0%} of the published peak FLOP/s, {BANDWIDTH_UTILISATION:.0%} of the "
           f"memory bandwidth, {SECONDS_PER_OP * 1e6:.0f} µs per operator launched, {CUDA_CONTEXT_MB} MB of CUDA "

@@ -36,8 +36,8 @@ import torch
 import checkpoint as ckpt
 from bpe_tokenizer import TOKENIZER_FILES
 from chat_format import add_chat_tokens, encode_chat, pack_chats, read_chats
-from lora import add_lora, lora_modules, merge_lora, save_adapter
 from checkpoint import add_dataclass_flags, flag, parse_flags, seed_everything
+from lora import add_lora, lora_modules, merge_lora, save_adapter
 from training_loop import (LoopState, TrainConfig, choose_precision, device_capabilities, make_optimizer, restore,
                            run_command, saver, scaled_lr, train_loop)
 from transformer import Transformer

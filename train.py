@@ -31,10 +31,10 @@ import torch
 import checkpoint as ckpt
 from bigram_lm import BigramLM
 from bpe_tokenizer import TOKENIZER_FILES, load_tokenizer, train_tokenizer
+from checkpoint import add_dataclass_flags, flag, parse_flags, seed_everything
 from dataset import (CACHE_DIR, DEFAULT_CORPUS, SAMPLE_WINDOWS, TOKENIZER_SAMPLE_CHARS, default_workers,
                      encode_parts, get_batch, parts_key, parts_text, recorded_sources, resolve_paths, sample_text,
                      scan_source, split_bounds, split_parts)
-from checkpoint import add_dataclass_flags, flag, parse_flags, seed_everything
 from training_loop import (LoopState, TrainConfig, choose_precision, device_capabilities, epoch_batches,
                            estimate_loss, flops_per_token, make_optimizer, memory_estimate, restore, run_command, saver,
                            scaled_lr, train_loop)
@@ -274,9 +274,9 @@ def process_memory():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def estimate(net, optimizer, tcfg, next_batch, val_set, device_type, world, is_main):
-    """--estimate: time a few steps and one evaluation here, print what the whole run will take, return it."""
-    model = getattr(net, "_orig_mod", net)
+def estimate(model, net, optimizer, tcfg, next_batch, val_set, device_type, world, is_main):
+    """--estimate: time a few steps of `net` (the model as trained: compiled, data-parallel) and one evaluation
+    here, print what the whole run will take, and return it."""
     memory = memory_estimate(model, tcfg, val_set[0][0].shape[1], tcfg.dtype)
     now = process_memory() if device_type == "cpu" else 0
     step_s = seconds_per_step(net, optimizer, tcfg, next_batch, device_type, world)
@@ -357,7 +357,7 @@ def run(argv=None):
     next_batch = batch_stream(args, train_ids, block_size, tcfg.batch_size, rank, world,
                               state.step * tcfg.grad_accum, device)
     if args["estimate"]:
-        return estimate(net, optimizer, tcfg, next_batch, val_set, device_type, world, is_main)
+        return estimate(model, net, optimizer, tcfg, next_batch, val_set, device_type, world, is_main)
     state = train_loop(net, optimizer, tcfg, next_batch, val_set, state=state, run_dir=run_dir,
                        save=saver(run_dir, model, optimizer), device_type=device_type, is_main=is_main,
                        world_size=world, on_eval=lambda m: report(val_set[0][0]) if report else {},
