@@ -37,10 +37,11 @@ import evaluate
 import train
 from bpe_tokenizer import load_tokenizer
 from char_tokenizer import CharTokenizer
-from checkpoint import STATE, WEIGHTS, load_run, load_training_state, model_config_dict, save_run_files, save_weights
+from checkpoint import (STATE, WEIGHTS, load_run, load_training_state, model_config_dict, read_metrics, save_run_files,
+                        save_weights)
 from quantize import quantize_run
 from sample import generate
-from training_loop import read_metrics
+from training_loop import flops_per_token
 from transformer import PRESETS, Transformer
 
 CORPUS = "tiny_shakespeare.txt"
@@ -90,12 +91,6 @@ def matmul_peak_gflops(n=1024, repeats=20):
     return 2 * n ** 3 / best / 1e9
 
 
-def flops_per_token(model, block_size):
-    """Training FLOPs per token: 6 per parameter plus attention's 12·L·C·T (the PaLM estimate)."""
-    cfg = model.config
-    return 6 * model.num_params() + 12 * cfg.n_layer * cfg.n_embd * block_size
-
-
 def train_and_score(argv, out_dir, split="heldout"):
     """Train with train.py's flags, then score the whole split; returns timing and loss figures."""
     t0 = time.perf_counter()
@@ -116,7 +111,7 @@ def run_side_by_side(jobs, log_dir):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     running = {}
     for core, (name, cmd, cwd) in enumerate(jobs):
-        log = open(Path(log_dir) / f"{name}.log", "w+")
+        log = open(Path(log_dir) / f"{name}.log", "w+", encoding="utf-8")
         proc = subprocess.Popen(["taskset", "-c", str(core % os.cpu_count()), *cmd], cwd=cwd, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
         running[name] = (proc, time.perf_counter(), log)
@@ -360,7 +355,8 @@ def steady_tokens_per_sec(run_dir, skip_steps=20):
 PEAK_RSS_LAUNCHER = """import json, os, resource, subprocess, sys
 proc = subprocess.Popen(sys.argv[2:])
 _, status, usage = os.wait4(proc.pid, 0)
-json.dump({"code": os.waitstatus_to_exitcode(status), "rss_mb": usage.ru_maxrss / 1024}, open(sys.argv[1], "w"))
+with open(sys.argv[1], "w", encoding="utf-8") as f:
+    json.dump({"code": os.waitstatus_to_exitcode(status), "rss_mb": usage.ru_maxrss / 1024}, f)
 """
 
 
@@ -370,7 +366,7 @@ def run_child(args, threads=1):
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-c", PEAK_RSS_LAUNCHER, f"{tmp}/rss.json", *args], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        result = json.loads(Path(tmp, "rss.json").read_text())
+        result = json.loads(Path(tmp, "rss.json").read_text(encoding="utf-8"))
     if result["code"]:
         raise subprocess.CalledProcessError(result["code"], args)
     return result["rss_mb"]
@@ -404,7 +400,7 @@ def load_every_file(run_dir):
     tmp_files = sorted(p.name for p in run_dir.glob(".*.tmp"))
     if not (run_dir / "config.json").exists():  # killed before the run wrote anything
         return 0, tmp_files
-    config = json.loads((run_dir / "config.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
     load_tokenizer(run_dir / config["tokenizer_file"])
     for name in ("model.safetensors", "best.safetensors"):
         if (run_dir / name).exists():
@@ -422,7 +418,7 @@ def training_started(run_dir, rows_before, proc, limit=120.0):
     t0 = time.perf_counter()
     while proc.poll() is None and time.perf_counter() - t0 < limit:
         path = run_dir / "metrics.jsonl"
-        if path.exists() and path.read_text().count("\n") > rows_before:
+        if path.exists() and path.read_text(encoding="utf-8").count("\n") > rows_before:
             return
         time.sleep(0.02)
 
@@ -439,10 +435,10 @@ def bench_kill(kills=20, seed=0):
         for i in range(kills):
             cmd = [sys.executable, "train.py", "--resume", str(run_dir)] if (run_dir / "config.json").exists() \
                 else start  # killed before the run directory was made: there is nothing to resume yet
-            rows_before = (run_dir / "metrics.jsonl").read_text().count("\n") if (run_dir / "metrics.jsonl").exists() \
-                else 0
+            metrics = run_dir / "metrics.jsonl"
+            rows_before = metrics.read_text(encoding="utf-8").count("\n") if metrics.exists() else 0
             t0 = time.perf_counter()
-            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, encoding="utf-8")
             if i % 4 == 0:  # every fourth kill lands anywhere from Python's start-up on
                 time.sleep(rng.uniform(0.5, 6.0))
             else:  # the others while it trains, evaluates and saves (a checkpoint every 3 steps)
@@ -457,7 +453,7 @@ def bench_kill(kills=20, seed=0):
             rows.append([i + 1, "resume" if cmd is not start else "start", f"{time.perf_counter() - t0:.2f} s", step,
                          ", ".join(tmp_files)])
         final = subprocess.run([sys.executable, "train.py", "--resume", str(run_dir), "--steps", str(step + 20)],
-                               capture_output=True, text=True)
+                               capture_output=True, text=True, encoding="utf-8")
         if final.returncode:
             raise RuntimeError(f"the last resume failed: {final.stderr.strip().splitlines()[-1]}")
         end, tmp_files = load_every_file(run_dir)

@@ -31,10 +31,9 @@ import torch
 
 import finetune
 from chat_format import CHAT_TOKENS, chat_ids, encode_chat
-from checkpoint import build_model, load_run, read_config
+from checkpoint import build_model, load_run, read_config, read_metrics
 from clean_text import detect_language
 from sample import generate
-from training_loop import read_metrics
 
 MAX_REPLY = 128  # tokens a reply may take to reach <|end|>
 
@@ -140,7 +139,8 @@ def run_facts(run_dir):
     """Step count, held-out loss at the end, seconds per step, trainable share and peak memory of a run."""
     rows = read_metrics(Path(run_dir) / "metrics.jsonl")
     train_rows = [r for r in rows if "train_loss" in r]
-    timing = json.loads((Path(run_dir) / "run.json").read_text()) if (Path(run_dir) / "run.json").exists() else {}
+    record = Path(run_dir) / "run.json"
+    timing = json.loads(record.read_text(encoding="utf-8")) if record.exists() else {}
     return {"steps": train_rows[-1]["step"], "val_loss": [r["val_loss"] for r in rows if "val_loss" in r][-1],
             "s_per_step": train_rows[-1]["elapsed"] / train_rows[-1]["step"],
             "trainable": trainable_share(read_config(run_dir)), **timing}
@@ -154,7 +154,7 @@ def time_run(run_dir, command):
     record = {"wall_s": round(time.perf_counter() - start, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024),
               "command": command}
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "run.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    (Path(run_dir) / "run.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return os.waitstatus_to_exitcode(status)
 
 

@@ -172,7 +172,8 @@ t0 = time.perf_counter()
 source = dataset.scan_source(corpus)
 t1 = time.perf_counter()
 ids = dataset.encode_parts([(source, 0, source.chars)], load_tokenizer(tokenizer), cache, int(workers))
-json.dump({"scan_s": t1 - t0, "encode_s": time.perf_counter() - t1, "tokens": len(ids)}, open(out, "w"))
+with open(out, "w", encoding="utf-8") as f:
+    json.dump({"scan_s": t1 - t0, "encode_s": time.perf_counter() - t1, "tokens": len(ids)}, f)
 """
 def bench_data(size_mb=None, seed=0):
     """Streaming tokenization: MB/s with 1 and 2 workers, peak RSS per process, cache-ready to first step.
@@ -200,7 +201,7 @@ def bench_data(size_mb=None, seed=0):
                 if first_step and seen is None and Path(first_step).exists():
                     seen = time.perf_counter() - t0
                 time.sleep(0.02)
-            wall, r = time.perf_counter() - t0, json.loads(Path(tmp, "rss.json").read_text())
+            wall, r = time.perf_counter() - t0, json.loads(Path(tmp, "rss.json").read_text(encoding="utf-8"))
             if proc.returncode or r["code"]:
                 raise subprocess.CalledProcessError(r["code"], args)
             return wall, r["rss_mb"], seen
@@ -224,7 +225,7 @@ def bench_data(size_mb=None, seed=0):
                 result = Path(tmp, f"{kind}-{workers}.json")
                 _, rss, _ = measured([sys.executable, "-c", DATA_CHILD, str(root), str(corpus), str(tok_file),
                                       f"{tmp}/cache-{kind}-{workers}", str(workers), str(result)])
-                r = json.loads(result.read_text())
+                r = json.loads(result.read_text(encoding="utf-8"))
                 speeds[workers] = mb / r["encode_s"]
                 rows.append([kind, f"{fit[0]:.0f}", f"{fit[1]:,.0f}", workers, f"{speeds[workers]:.2f}",
                              f"{r['tokens'] / (mb * 1e6):.3f}", f"{rss:,.0f}", f"{r['scan_s']:.1f}"])

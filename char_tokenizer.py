@@ -10,10 +10,20 @@ New since stage 3: text becomes `list[int]` and back.
 Run the demo: `python char_tokenizer.py`
 """
 import json
+import sys
 from pathlib import Path
 
 UNK = "<unk>"
 UNK_TEXT = "\ufffd"  # what an unknown id decodes to: the Unicode replacement character
+
+
+def replace_unencodable_output():
+    """Make print() write "?" for a character the console's encoding cannot show, instead of raising
+    UnicodeEncodeError mid-run: Japanese on a Windows console in cp1252, or under PYTHONIOENCODING=ascii.
+    Every command line calls it first; files are always read and written as UTF-8 whatever the console."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # a real text stream (a test's capture may not be one)
+            stream.reconfigure(errors="replace")
 
 
 class CharTokenizer:

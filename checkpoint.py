@@ -7,22 +7,34 @@ Everything a run needs lives in one directory, `out/<run>/`:
     model.safetensors      the latest weights   (what sample / evaluate / cli load)
     best.safetensors       the weights at the best validation loss
     checkpoint_latest.pt   the full training state, for `train.py --resume`
-    metrics.jsonl          one JSON object per log or evaluation
+    metrics.jsonl          one JSON object per log or evaluation (read_metrics)
+    loss.png               the losses so far (plot_losses)
 
 Two rules keep it safe. Every write is atomic (a temporary file, fsync, then
 a rename), so killing the process at any instant leaves the previous
 checkpoint whole. And nothing here unpickles arbitrary objects: weights come
 from safetensors, the training state through `torch.load(weights_only=True)`.
 
+The command lines' settings live here too: one flag per dataclass field, and
+`--config FILE.json`, which reads flags from a file such as a run's config.json.
+
 New since stage 17: persistence. Run the demo: `python checkpoint.py`
 """
+import argparse
+import dataclasses
+import inspect
 import json
 import pickle
+import random
+import re
+import sys
 import tempfile
+import types
+import typing
 import zipfile
-from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
@@ -53,7 +65,7 @@ def model_config_dict(model):
     """What config.json needs to rebuild `model`."""
     if isinstance(model, BigramLM):
         return {"model": "bigram", "vocab_size": model.vocab_size}
-    return {"model": "transformer", **asdict(model.config)}
+    return {"model": "transformer", **dataclasses.asdict(model.config)}
 
 
 def build_model(model_cfg):
@@ -138,6 +150,54 @@ def load_weights(model, path, quantization=None):
     check_state_dict(tensors, model, path)
     model.load_state_dict(tensors, strict=True)
     return model
+
+
+def append_metrics(run_dir, row):
+    if run_dir is not None:
+        with open(Path(run_dir) / METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path):
+    """The rows of a metrics.jsonl. Rows are appended, so a process killed mid-write can leave a torn
+    last line (and only that one): it is dropped."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    return [json.loads(line) for line in lines]
+
+
+def plot_losses(runs, path):
+    """Train and val loss against step, one pair of curves per run; `runs` maps a label to its rows.
+
+    Returns False (and writes nothing) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, (ax_step, ax_tok) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, rows in runs.items():
+        for key, style in (("train_loss", "-"), ("val_loss", "o-")):
+            pts = [(r["step"], r.get("tokens", 0), r[key]) for r in rows if key in r]
+            if pts:
+                steps, tokens, losses = zip(*pts)
+                name = f"{label} {key.split('_')[0]}"
+                ax_step.plot(steps, losses, style, ms=3, label=name)
+                ax_tok.plot(tokens, losses, style, ms=3, label=name)
+    ax_step.set_xlabel("step")
+    ax_tok.set_xlabel("tokens seen")
+    for ax in (ax_step, ax_tok):
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))  # a kill never leaves half a PNG
+    plt.close(fig)
+    return True
 
 
 def save_run_files(run_dir, config, tokenizer, tokenizer_file):
@@ -256,6 +316,114 @@ def dynamic_int8(model):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization announces its move to torchao
         return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """The global random number generators' states (dropout draws from torch's), as plain
+    lists and tensors so that `torch.load(weights_only=True)` can read them back."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss], "numpy": [keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state()}
+
+
+def set_rng_state(saved):
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+    keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(saved["torch"])
+
+
+# --- Settings: one flag per dataclass field, and --config files of flags ---------------------------------------
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+def field_comments(cls):
+    """The trailing comment of each field in a dataclass's source: `n_layer: int = 4  # blocks`."""
+    found = re.findall(r"^\s+(\w+): [^=#]+=[^#]*#\s*(.+)$", inspect.getsource(cls), flags=re.M)
+    return dict(found)
+
+
+def add_dataclass_flags(group, cls, defaults, suppress, skip=(), presets=None):
+    """One flag per field of `cls` (but `skip`); its help is the field's comment.
+
+    With `presets` (name -> instance), the help lists each preset's value instead of one default.
+    """
+    hints, comments = typing.get_type_hints(cls), field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X] -> X
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        default = argparse.SUPPRESS if suppress else defaults.get(f.name, f.default)
+        shown = ", ".join(f"{n}: {getattr(v, f.name)}" for n, v in presets.items()) if presets else "%(default)s"
+        help_text = comments.get(f.name, f.name.replace("_", " ")).replace("%", "%%") + f" (default: {shown})"
+        if kind is bool:
+            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            group.add_argument(flag(f.name), type=kind, default=default, help=help_text)
+
+
+def config_file_words(path, parser, typed=()):
+    """The flags a --config file stands for, as command-line words: argparse then checks and converts them as if
+    typed. The file is {"flag_name": value, ...}, or a run's config.json: its "args" and the model fields of its
+    "model" section that are flags of `parser`. Keys in `typed` are left out (the flags typed win); so are None
+    values (a preset's default). Example: {"lr": 0.003, "bias": false} -> ["--lr", "0.003", "--no-bias"].
+    """
+    try:
+        settings = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config {path} is not JSON ({e}): give a JSON object of flag names and values")
+    if not isinstance(settings, dict):
+        raise ValueError(f"--config {path} holds a JSON {type(settings).__name__}, not an object of flag names")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    if "args" in settings:  # a run's own config.json: how it was started and the model it built
+        model = {k: v for k, v in settings.get("model", {}).items() if k in actions and k != "vocab_size"}
+        settings = {**{k: v for k, v in settings["args"].items() if k not in ("resume", "config")}, **model}
+    unknown = sorted(set(settings) - set(actions))
+    if unknown:
+        raise ValueError(f"--config {path}: unknown keys {', '.join(unknown)}; a key is a flag's name with "
+                         f"underscores (--min-lr: min_lr), see --help")
+    positional, words = [], []
+    for name, value in settings.items():
+        action = actions[name]
+        if name in typed or value is None:
+            continue
+        values = [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            words.append(action.option_strings[0 if value else 1])  # --bias / --no-bias
+        elif not action.option_strings:
+            positional += values
+        elif value is not False:  # a store_true flag left off is no word
+            words += [action.option_strings[0]] + ([] if action.nargs == 0 else values)
+    return positional + words
+
+
+def parse_flags(build_parser, argv):
+    """(all flags, the typed ones, --overwrite): the second parse drops defaults, to tell typed from default.
+
+    A --config FILE stands for its flags, as if typed before the others (so a typed flag wins).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    typed = vars(build_parser(suppress=True).parse_args(argv))
+    if "config" in typed:
+        argv = config_file_words(typed["config"], build_parser(), typed) + argv
+    args = vars(build_parser().parse_args(argv))
+    typed = vars(build_parser(suppress=True).parse_args(argv))
+    for settings in (args, typed):  # a run records the flags the file stood for, not the file
+        settings.pop("config", None)
+    typed.pop("overwrite", None)
+    return args, typed, args.pop("overwrite")
 
 
 def _demo():

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from char_tokenizer import replace_unencodable_output
+
 LANGUAGES = ("ja", "en", "other")
 NOT_LETTER, JAPANESE, LATIN, OTHER = range(4)  # the script classes the table assigns
 JAPANESE_WORDS = {"HIRAGANA", "KATAKANA", "KANA", "MASU", "CJK", "IDEOGRAPHIC"}  # in the names of kana, kanji, 々
@@ -281,6 +283,7 @@ def build_parser():
 
 
 def main(argv=None):
+    replace_unencodable_output()
     args = build_parser().parse_args(argv)
     if not args.inputs and not args.out:
         _demo()

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from char_tokenizer import replace_unencodable_output
 from chat_format import chat_ids, encode_chat
 from checkpoint import load_run
 from sample import check_sampling_args, compile_for_generation, context_window, stream_text
@@ -191,6 +192,7 @@ def build_parser():
 
 
 def main(argv=None):
+    replace_unencodable_output()
     args = build_parser().parse_args(argv)
     settings = Settings(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed)
     try:

@@ -36,12 +36,12 @@ import sys
 
 import torch
 
-from checkpoint import build_model, load_run, resolve_run_dir
+from char_tokenizer import replace_unencodable_output
+from checkpoint import build_model, load_run, read_metrics, resolve_run_dir
 from dataset import (CACHE_DIR, as_tensor, encode_cached, parts_text, recorded_sources, resolve_paths, scan_source,
                      split_parts)
 from memory import document_starts
 from sample import generate, prompt_ids
-from training_loop import read_metrics
 
 SPLITS = ("val", "test", "heldout")  # heldout = val + test: the last 10%, where nanoGPT validates
 PARTS = {"val": (1,), "test": (2,), "heldout": (1, 2)}  # the parts of dataset.split_parts in each
@@ -227,8 +227,8 @@ def sanity_checks(model, tok, config, run_dir, text, device="cpu"):
 def print_checks(findings, tok_kind, chars_per_token):
     for ok, measured, advice in findings:
         print(f"[{'ok' if ok else 'LOOK'}] {measured}" + ("" if ok else f"\n       -> {advice}"))
-    print(f"\nwhat a loss means (bits/char = loss / ln 2 / chars per token); a perplexity rule such as "
-          f"'under 5 is suspicious' holds only for ~4 chars/token:")
+    print("\nwhat a loss means (bits/char = loss / ln 2 / chars per token); a perplexity rule such as "
+          "'under 5 is suspicious' holds only for ~4 chars/token:")
     header = ["loss", "perplexity", "char (1 char/token)", f"this run: {tok_kind} ({chars_per_token:.2f})",
               "50k BPE, English (~4)"]
     print("  " + " | ".join(header))
@@ -239,6 +239,7 @@ def print_checks(findings, tok_kind, chars_per_token):
 
 
 def main(argv=None):
+    replace_unencodable_output()
     p = argparse.ArgumentParser(description="Score a trained run on a whole split.")
     p.add_argument("run", help="run directory (or a file in it)")
     p.add_argument("--split", choices=SPLITS, default="val", help="which part of the corpus (default: %(default)s)")

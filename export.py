@@ -40,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bpe_tokenizer import GPT4_SPLIT_PATTERN, SPM_LOSSLESS, HFTokenizer, byte_to_unicode, load_tokenizer
-from char_tokenizer import UNK, UNK_TEXT
+from char_tokenizer import UNK, UNK_TEXT, replace_unencodable_output
 from chat_format import END, chat_ids
 from checkpoint import (WEIGHTS, atomic_write, build_model, load_weights, model_config_dict, read_config,
                         resolve_run_dir, save_run_files, save_weights, write_json)
@@ -395,7 +395,8 @@ def config_from_hf(hf, tensors, hf_dir):
 def read_hf_tensors(hf_dir):
     """Every tensor of model.safetensors, or of the shards model.safetensors.index.json lists, as float32."""
     index = hf_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS]
+    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"] if index.is_file() else {}
+    files = sorted(set(weight_map.values())) or [WEIGHTS]
     tensors = {}
     for name in files:
         if not (hf_dir / name).is_file():
@@ -727,6 +728,7 @@ NEXT_STEP = {  # how to use what each format wrote
 
 
 def main(argv=None):
+    replace_unencodable_output()
     p = argparse.ArgumentParser(description="Export a run to another format, or import a Hugging Face model.")
     p.add_argument("run", nargs="?", help="the run directory to export (only read)")
     p.add_argument("--format", choices=FORMATS, help="what to write: hf (a Hugging Face model directory), gguf "

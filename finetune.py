@@ -36,9 +36,10 @@ import torch
 import checkpoint as ckpt
 from bpe_tokenizer import TOKENIZER_FILES
 from chat_format import add_chat_tokens, encode_chat, pack_chats, read_chats
+from checkpoint import add_dataclass_flags, flag, parse_flags, seed_everything
 from lora import add_lora, lora_modules, merge_lora, save_adapter
-from training_loop import (LoopState, TrainConfig, add_dataclass_flags, flag, make_optimizer,
-                           parse_flags, pick_dtype, restore, run_command, saver, seed_everything, train_loop)
+from training_loop import (LoopState, TrainConfig, choose_precision, device_capabilities, make_optimizer, restore,
+                           run_command, saver, scaled_lr, train_loop)
 from transformer import Transformer
 
 # Measured on the README's chat recipe (5 minutes of fine-tuning on one thread): a peak of 3e-3, pretraining's, beat
@@ -70,6 +71,8 @@ def build_parser(suppress=False):
                      "out to measure the assistant loss on (default: %(default)s)")
     run.add_argument("--out", default=s(None), help="run directory to write (default: out/chat)")
     run.add_argument("--resume", default=s(None), metavar="DIR", help="continue the fine-tuning run in DIR")
+    run.add_argument("--config", default=s(None), metavar="FILE.json", help="flags from a JSON file: "
+                     "{\"lr\": 0.003, ...} or a run's config.json (it reproduces that run); flags typed win")
     run.add_argument("--overwrite", action="store_true", default=s(False), help="start afresh in an --out "
                      "directory that already holds a run")
     run.add_argument("--seed", type=int, default=s(1337), help="seed for the split, batches and adapters "
@@ -269,7 +272,7 @@ def run(argv=None):
     args = resolve_args(argv)
     device = ckpt.pick_device(args["device"])
     tcfg = TrainConfig(**{f.name: args[f.name] for f in dataclasses.fields(TrainConfig)})
-    tcfg.dtype = pick_dtype(tcfg.dtype, device)
+    tcfg.dtype, _ = choose_precision(device, *device_capabilities(device), tcfg.dtype, "off")
     seed_everything(args["seed"])
     run_dir = Path(args["out"])
     if args["resume"]:  # the very files the run began with
@@ -278,6 +281,9 @@ def run(argv=None):
                 raise ValueError(f"{record['path']} changed since the run began: restore it, or start a new run")
     model, tok, base_config, note = prepare(args, "cpu")
     block_size = model.config.block_size
+    if tcfg.lr_scaling != "none":  # the defaults were measured at FINETUNE_DEFAULTS' batch of whole blocks
+        tcfg.lr, tcfg.min_lr = scaled_lr(tcfg, tcfg.batch_size * tcfg.grad_accum * block_size,
+                                         FINETUNE_DEFAULTS["batch_size"] * block_size)
     train_chats, held_out = load_chats(args)
     x, y = target_blocks(tok, train_chats, block_size)
     val_set = heldout_batches(*target_blocks(tok, held_out or train_chats, block_size), tcfg.batch_size,
@@ -290,10 +296,12 @@ def run(argv=None):
             (run_dir / name).unlink(missing_ok=True)
     config = {"model": ckpt.model_config_dict(model), "block_size": block_size, "tokenizer": tok.kind,
               "tokenizer_file": TOKENIZER_FILES[tok.kind], "args": args, "base": str(args["base"]),
-              "data": base_config.get("data", []), "chat_data": [file_record(p) for p in args["data"]]}
+              "data": base_config.get("data", []), "chat_data": [file_record(p) for p in args["data"]],
+              "resolved": {"dtype": tcfg.dtype, "lr": tcfg.lr, "min_lr": tcfg.min_lr}}
     ckpt.save_run_files(run_dir, config, tok, config["tokenizer_file"])
     print(f"{note}; vocab {tok.vocab_size} with the chat tokens; {len(train_chats):,} conversations in "
-          f"{len(x):,} blocks of {block_size}, {len(held_out):,} held out; device {device}"
+          f"{len(x):,} blocks of {block_size}, {len(held_out):,} held out; device {device}, {tcfg.dtype}; "
+          f"learning rate {tcfg.lr:.3g} → {tcfg.min_lr:.3g}"
           + (f"; resuming at step {state.step} of {tcfg.steps}" if args["resume"] else ""))
     state = train_loop(model, optimizer, tcfg, batch_stream(x, y, tcfg.batch_size, args["seed"],
                                                             state.step * tcfg.grad_accum, device),

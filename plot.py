@@ -11,11 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from checkpoint import METRICS, resolve_run_dir
-from training_loop import plot_losses, read_metrics
+from char_tokenizer import replace_unencodable_output
+from checkpoint import METRICS, plot_losses, read_metrics, resolve_run_dir
 
 
 def main(argv=None):
+    replace_unencodable_output()
     p = argparse.ArgumentParser(description="Overlay the loss curves of training runs.")
     p.add_argument("runs", nargs="+", help="run directories")
     p.add_argument("--out", default="compare.png", help="image to write (default: %(default)s)")

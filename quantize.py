@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from char_tokenizer import replace_unencodable_output
 from checkpoint import (CONFIG, DYNAMIC_INT8, WEIGHTS, atomic_write, dequantize, load_run, resolve_run_dir,
                         write_json)
 
@@ -156,6 +157,7 @@ def build_parser():
 
 
 def main(argv=None):
+    replace_unencodable_output()
     args = build_parser().parse_args(argv)
     try:
         report = quantize_run(args.run, args.out, args.bits, args.group_size, args.dynamic)

@@ -43,6 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bpe_tokenizer import StreamDecoder
+from char_tokenizer import replace_unencodable_output
 from checkpoint import load_run
 
 # Shapes: B batch, T time, V vocabulary.
@@ -357,6 +358,7 @@ def read_prompt(args):
 
 
 def main(argv=None):
+    replace_unencodable_output()
     args = build_parser().parse_args(argv)
     try:
         check_sampling_args(args.temperature, args.top_k, args.top_p, args.repetition_penalty)

@@ -40,6 +40,7 @@ from typing import ClassVar, Literal
 
 import torch
 
+from char_tokenizer import replace_unencodable_output
 from chat_format import chat_ids, encode_chat
 from checkpoint import CONFIG, load_run, resolve_run_dir
 from sample import compile_for_generation, context_window, prompt_ids, stream_text
@@ -321,6 +322,7 @@ def create_app(run_dir, device="cpu", compile_model=False):
 
 
 def main(argv=None):
+    replace_unencodable_output()
     p = argparse.ArgumentParser(description="Serve a trained run over HTTP (POST /generate, OpenAI's /v1 API).")
     p.add_argument("run", help="run directory (or a file in it), e.g. out/gpt")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")

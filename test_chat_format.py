@@ -126,7 +126,7 @@ def test_a_hugging_face_tokenizer_has_no_chat_tokens():
 
 def test_char_file_written_before_chat_tokens_loads(tmp_path):
     path = tmp_path / "tokenizer.json"
-    path.write_text(json.dumps({"kind": "char", "version": 1, "chars": ["a", "b"], "unk": "<unk>"}))
+    path.write_text(json.dumps({"kind": "char", "version": 1, "chars": ["a", "b"], "unk": "<unk>"}), encoding="utf-8")
     before = path.read_bytes()
     old = load_tokenizer(path)
     old.save(path)

@@ -115,7 +115,7 @@ def test_tokenizer_mismatch_and_missing_weights(tmp_path):
         ckpt.load_run(run)
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         ckpt.load_run(tmp_path / "no" / "such-run")
-    assert json.loads((run / ckpt.CONFIG).read_text())["model"]["model"] == "bigram"
+    assert json.loads((run / ckpt.CONFIG).read_text(encoding="utf-8"))["model"]["model"] == "bigram"
 
 
 # --- Every loader, on weights that do not fit its config.json: one line on stderr, exit 2 ---------

@@ -146,7 +146,7 @@ def test_bad_options_are_refused():
 
 def run_cli(*args, cwd):
     return subprocess.run([sys.executable, str(ROOT / "clean_text.py"), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, encoding="utf-8")
 
 
 def test_cli_cleans_several_files_into_one(tmp_path):
@@ -175,7 +175,7 @@ def test_cli_switches_rules_off(tmp_path):
 
 def peak_memory_of_cleaning(tmp_path, n_lines):
     path = tmp_path / f"{n_lines}.txt"
-    path.write_text("".join(f"line {i} of a file larger than a chunk\n" for i in range(n_lines)))
+    path.write_text("".join(f"line {i} of a file larger than a chunk\n" for i in range(n_lines)), encoding="utf-8")
     tracemalloc.start()
     report = clean_files([path], tmp_path / "out.txt", progress=False, dedup=False)
     peak = tracemalloc.get_traced_memory()[1]

@@ -1,5 +1,8 @@
+import ast
 import hashlib
+import multiprocessing
 import os
+import pickle
 import random
 import re
 import signal
@@ -124,7 +127,7 @@ def test_the_demo_offline_without_the_corpus_says_so_in_one_line(tmp_path):
     """No corpus and no network (a proxy on a closed local port): one line naming the URL, exit 2."""
     env = {**os.environ, "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
     result = subprocess.run([sys.executable, str(ROOT / "dataset.py")], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=120)
+                            text=True, timeout=120, encoding="utf-8")
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert dataset.CORPUS_URL in lines[0] and "save it as tiny_shakespeare.txt" in lines[0]
@@ -205,10 +208,10 @@ def test_bad_sources_say_which_file_and_where(tmp_path, monkeypatch, name, conte
 
 
 def test_the_tokenizer_sample_is_evenly_spaced_stretches(tmp_path):
-    (tmp_path / "a.txt").write_text("".join(chr(65 + i % 26) for i in range(60)))
-    (tmp_path / "b.txt").write_text("".join(chr(97 + i % 26) for i in range(40)))
+    (tmp_path / "a.txt").write_text("".join(chr(65 + i % 26) for i in range(60)), encoding="utf-8")
+    (tmp_path / "b.txt").write_text("".join(chr(97 + i % 26) for i in range(40)), encoding="utf-8")
     parts = [(dataset.scan_source(tmp_path / n), 0, 60 if n == "a.txt" else 40) for n in ("a.txt", "b.txt")]
-    whole = (tmp_path / "a.txt").read_text() + (tmp_path / "b.txt").read_text()
+    whole = (tmp_path / "a.txt").read_text(encoding="utf-8") + (tmp_path / "b.txt").read_text(encoding="utf-8")
     assert dataset.sample_text(parts, limit=100) == whole
     # 4 windows of 48 // 4 = 12 characters at 0, 25, 50 and 75 of the 100: the third is cut where a.txt ends
     assert dataset.sample_text(parts, limit=48, windows=4) == whole[0:12] + whole[25:37] + whole[50:60] + whole[75:87]
@@ -246,7 +249,7 @@ def test_the_streamed_memmap_equals_encoding_the_whole_text(tmp_path, monkeypatc
 
 
 def test_a_second_encoding_of_the_same_data_tokenizes_nothing(tmp_path, monkeypatch):
-    (tmp_path / "t.txt").write_text("hello world\n" * 50)
+    (tmp_path / "t.txt").write_text("hello world\n" * 50, encoding="utf-8")
     parts = dataset.split_parts([dataset.scan_source(tmp_path / "t.txt")], 0)
     tok = CharTokenizer.train("helo wrd\n")
     first = dataset.encode_parts(parts, tok, cache_dir=tmp_path)
@@ -255,7 +258,7 @@ def test_a_second_encoding_of_the_same_data_tokenizes_nothing(tmp_path, monkeypa
         raise AssertionError("tokenized again")
     monkeypatch.setattr(tok, "encode", no_encoding)
     assert dataset.encode_parts(parts, tok, cache_dir=tmp_path).tolist() == first.tolist()
-    (tmp_path / "t.txt").write_text("hello world\n" * 51)  # new data: a new key, so it is encoded
+    (tmp_path / "t.txt").write_text("hello world\n" * 51, encoding="utf-8")  # new data: a new key, so it is encoded
     with pytest.raises(AssertionError, match="tokenized again"):
         dataset.encode_parts(dataset.split_parts([dataset.scan_source(tmp_path / "t.txt")], 0), tok,
                              cache_dir=tmp_path)
@@ -263,14 +266,14 @@ def test_a_second_encoding_of_the_same_data_tokenizes_nothing(tmp_path, monkeypa
 
 def test_a_scan_is_remembered_while_size_and_time_stay_and_never_for_a_file_written_just_now(tmp_path):
     path, memo = tmp_path / "t.txt", tmp_path / "memo"
-    path.write_text("hello world\n" * 50)
+    path.write_text("hello world\n" * 50, encoding="utf-8")
     fresh = dataset.scan_source(path, memo)
     assert not list(memo.glob("scan-*"))  # its time could still come back unchanged after an edit
     os.utime(path, (time.time() - 10,) * 2)
     scanned = dataset.scan_source(path, memo)
     assert scanned == fresh and len(list(memo.glob("scan-*"))) == 1
     stamp = path.stat().st_mtime_ns
-    path.write_text("HELLO WORLD\n" * 50)  # same size
+    path.write_text("HELLO WORLD\n" * 50, encoding="utf-8")  # same size
     os.utime(path, ns=(stamp, stamp))  # and the same time: trusted, as make would
     assert dataset.scan_source(path, memo).sha256 == fresh.sha256
     os.utime(path, (time.time() - 5,) * 2)  # a new time: read again
@@ -318,3 +321,62 @@ def test_batches_from_the_memmap_equal_batches_from_a_tensor(tmp_path):
     x, y = get_batch(ids, 8, 4, torch.Generator().manual_seed(3))
     x2, y2 = get_batch(dataset.as_tensor(ids), 8, 4, torch.Generator().manual_seed(3))
     assert torch.equal(x, x2) and torch.equal(y, y2) and x.dtype == torch.int64
+
+
+def text_io_without_encoding(source):
+    """Line numbers of the calls in `source` that read or write text in the platform's default encoding: a
+    Path.read_text / write_text, an open() not in binary mode, or a text-mode subprocess, naming no encoding."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call) or any(k.arg == "encoding" for k in node.keywords):
+            continue
+        method = isinstance(node.func, ast.Attribute)
+        name = node.func.attr if method else getattr(node.func, "id", "")
+        mode = node.args[1] if name == "open" and len(node.args) > 1 else next(
+            (k.value for k in node.keywords if k.arg == "mode"), None)
+        binary = isinstance(mode, ast.Constant) and "b" in mode.value
+        text_run = any(k.arg in ("text", "universal_newlines") and getattr(k.value, "value", False)
+                       for k in node.keywords)
+        if method and name in ("read_text", "write_text") or name == "open" and not binary or text_run:
+            found.append(node.lineno)
+    return found
+
+
+def test_the_scan_finds_text_io_in_the_locales_encoding():
+    source = ('p.read_text()\np.write_text(s, encoding="utf-8")\nopen(f, "rb")\nopen(f, "w")\n'
+              'subprocess.run(c, text=True)\nread_text(path)\n')
+    assert text_io_without_encoding(source) == [1, 4, 5]
+
+
+def test_every_text_file_is_read_and_written_as_utf8():
+    """Windows' locale is cp1252 or cp932, not UTF-8: every text read or write must name its encoding."""
+    found = {path.name: lines for path in sorted(ROOT.glob("*.py"))
+             if (lines := text_io_without_encoding(path.read_text(encoding="utf-8")))}
+    assert found == {}
+
+
+def test_a_block_dataset_over_a_memmap_pickles_its_file_not_its_tokens(tmp_path):
+    """What a DataLoader worker started by spawn receives: the file to map again, and the same blocks."""
+    np.save(tmp_path / "ids.npy", np.arange(50_000, dtype=np.uint16))
+    blocks = BlockDataset(np.load(tmp_path / "ids.npy", mmap_mode="r"), 16)
+    blob = pickle.dumps(blocks)
+    assert len(blob) < 1000 < len(pickle.dumps(BlockDataset(np.arange(50_000, dtype=np.uint16), 16)))
+    again = pickle.loads(blob)
+    assert isinstance(again.data, np.memmap) and len(again) == len(blocks)
+    for i in (0, 7, len(blocks) - 1):
+        assert all(torch.equal(a, b) for a, b in zip(blocks[i], again[i]))
+    view = BlockDataset(np.load(tmp_path / "ids.npy", mmap_mode="r")[1000:2000], 16)  # a view: copied
+    assert torch.equal(pickle.loads(pickle.dumps(view))[0][0], torch.arange(1000, 1016))
+
+
+def test_the_tokenizing_pool_encodes_alike_when_its_processes_start_by_spawn(monkeypatch):
+    """macOS' and Windows' start method: each worker gets the tokenizer's class and saved bytes, nothing forked."""
+    from bpe_tokenizer import train_tokenizer
+    text = mixed_corpus()
+    tok = train_tokenizer("bpe", text, 320)
+    chunks = list(dataset.text_chunks([text], 2000))
+    spawn = multiprocessing.get_context("spawn")
+    monkeypatch.setattr(dataset.multiprocessing, "get_context", lambda method=None: spawn)
+    encoded = list(dataset.encoded_chunks(chunks, tok, np.uint16, workers=2))
+    assert [n for n, _ in encoded] == [len(c) for c in chunks]
+    assert b"".join(ids for _, ids in encoded) == np.asarray(tok.encode(text), dtype=np.uint16).tobytes()

@@ -34,19 +34,19 @@ train.main(sys.argv[1:])
 def torchrun(tmp_path, script, args, port):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                            str(script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=240,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, encoding="utf-8")
 
 
 @pytest.mark.parametrize("optimizer,port", [("adamw", 29533), ("muon", 29535)])
 def test_two_processes_train_as_one_process_on_both_ranks_batches(tmp_path, monkeypatch, optimizer, port):
-    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
-    (tmp_path / "each_rank_saves.py").write_text(EACH_RANK_SAVES.format(root=str(ROOT)))
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    (tmp_path / "each_rank_saves.py").write_text(EACH_RANK_SAVES.format(root=str(ROOT)), encoding="utf-8")
     flags = [*TINY, "--optimizer", optimizer]
     ddp = torchrun(tmp_path, tmp_path / "each_rank_saves.py", ["--data", "t.txt", "--out", "ddp", *flags], port)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     assert "4×1 accum×2 proc = 8 sequences" in ddp.stdout  # the effective batch is printed once, by rank 0
     assert ddp.stdout.count("parameters;") == 1
-    rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["step"] for r in rows if "train_loss" in r] == [1, 2, 3, 4, 5]  # one writer, no duplicates
 
     # The reference: one process whose micro-batch i is rank 0's and rank 1's micro-batch i stacked,
@@ -74,21 +74,21 @@ def test_two_processes_train_as_one_process_on_both_ranks_batches(tmp_path, monk
 def test_two_process_moe_trains_when_an_expert_gets_no_token(tmp_path):
     # 1 sequence of 3 tokens, top-2 of 8 experts: 6 routing slots, so at least 2 experts of every layer
     # sit idle on each rank at each step; DDP still needs a gradient for each of their weights.
-    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
     flags = ["--preset", "moe", "--block-size", "3", "--batch-size", "1", "--n-layer", "1", "--n-head", "2",
              "--n-embd", "16", "--ffn-hidden", "16", "--steps", "3", "--eval-interval", "3", "--eval-iters", "1",
              "--log-interval", "1"]
     ddp = torchrun(tmp_path, ROOT / "train.py", ["--data", "t.txt", "--out", "moe", *flags], 29534)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     assert load_training_state(tmp_path / "moe")["loop"]["step"] == 3
-    rows = [json.loads(line) for line in (tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "moe" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["step"] for r in rows if "aux_loss" in r and "train_loss" in r] == [1, 2, 3]
 
 
 def test_a_resumed_two_process_run_with_dropout_repeats_the_unbroken_one(tmp_path):
     """Each rank draws its own dropout masks; after a resume it must draw the same ones again. A warm-up longer
     than the run keeps the learning rate independent of --steps, so 3 steps + 3 more equal 6 in one go."""
-    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
     flags = [*TINY, "--dropout", "0.1", "--warmup-steps", "50", "--lr", "3e-3"]
     straight = torchrun(tmp_path, ROOT / "train.py", ["--data", "t.txt", "--out", "straight", *flags, "--steps", "6"],
                         29535)
@@ -100,3 +100,29 @@ def test_a_resumed_two_process_run_with_dropout_repeats_the_unbroken_one(tmp_pat
     a, b = load_training_state(tmp_path / "straight"), load_training_state(tmp_path / "parts")
     assert a["loop"]["step"] == b["loop"]["step"] == 6
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "the resumed run took other steps"
+
+
+# train.py started as on macOS and Windows: every process the run makes (DataLoader workers, the tokenizing pool)
+# starts by spawn, importing this file afresh; the guard keeps a spawned child from running the command again.
+SPAWN = """
+import multiprocessing
+import sys
+sys.path.insert(0, {root!r})
+if __name__ == "__main__":
+    multiprocessing.set_start_method("spawn")
+    import train
+    train.main(sys.argv[1:])
+"""
+
+
+def test_two_processes_train_when_every_worker_starts_by_spawn(tmp_path):
+    """DDP with a DataLoader worker per rank (--sampler epoch). That a spawned worker reads the blocks a forked one
+    reads, and the tokenizing pool under spawn, are test_dataset's."""
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+    (tmp_path / "spawn.py").write_text(SPAWN.format(root=str(ROOT)), encoding="utf-8")
+    flags = [*TINY, "--sampler", "epoch", "--workers", "1"]
+    spawned = torchrun(tmp_path, tmp_path / "spawn.py", ["--data", "t.txt", "--out", "spawn", *flags], 29535)
+    assert spawned.returncode == 0, spawned.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "spawn" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["step"] for r in rows if "train_loss" in r] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 5]

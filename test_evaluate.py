@@ -53,7 +53,7 @@ def test_bits_per_char_of_a_uniform_model_over_two_character_tokens(tmp_path, mo
 def test_sliding_window_is_no_worse_and_cli_prints_all_metrics(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     text = "".join(f"line {i % 17} of the song goes la la {i % 5}\n" for i in range(600))
-    (tmp_path / "t.txt").write_text(text)
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
     train.run(["--data", "t.txt", "--out", "run", "--block-size", "32", "--batch-size", "16", "--n-layer", "2",
                "--n-head", "2", "--n-embd", "32", "--steps", "150", "--lr", "3e-3", "--eval-interval", "150",
                "--eval-iters", "2"])
@@ -67,7 +67,7 @@ def test_sliding_window_is_no_worse_and_cli_prints_all_metrics(tmp_path, monkeyp
     evaluate.main(["run", "--split", "test"])
     out = capsys.readouterr().out
     assert all(word in out for word in ("loss", "perplexity", "bits/char"))
-    assert (tmp_path / "run" / "samples.txt").read_text().count("### prompt") == 3
+    assert (tmp_path / "run" / "samples.txt").read_text(encoding="utf-8").count("### prompt") == 3
 
 
 def test_a_run_on_two_sources_is_scored_on_each(tmp_path, monkeypatch, capsys):
@@ -76,8 +76,8 @@ def test_a_run_on_two_sources_is_scored_on_each(tmp_path, monkeypatch, capsys):
     (1 bit/char); "ababababab" scores 5 b's after a at ln 2 and 4 a's after b at ln(4/3). Overall, the
     two parts one after the other: 10 a's after a (one across the join), then the same 9 targets."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "a.txt").write_text("a" * 200)
-    (tmp_path / "b.txt").write_text("ab" * 100)
+    (tmp_path / "a.txt").write_text("a" * 200, encoding="utf-8")
+    (tmp_path / "b.txt").write_text("ab" * 100, encoding="utf-8")
     train.run(["--model", "bigram", "--data", "a.txt", "b.txt", "--out", "run", "--block-size", "4",
                "--batch-size", "2", "--steps", "1", "--eval-iters", "1", "--eval-interval", "1"])
     model, tok, config = load_run("run")

@@ -179,12 +179,12 @@ def test_imported_tokenizer_adds_the_bos_transformers_adds(tmp_path, tokenizers)
     tok = tokenizers["bpe"]
     make_run(tmp_path / "run", tok, "llama")
     export_hf(tmp_path / "run", tmp_path / "hf")
-    spec = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+    spec = json.loads((tmp_path / "hf" / "tokenizer.json").read_text(encoding="utf-8"))
     spec["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<|bos|>", "type_id": 0}},
                                                                       {"Sequence": {"id": "A", "type_id": 0}}],
                               "pair": [{"Sequence": {"id": "A", "type_id": 0}}],
                               "special_tokens": {"<|bos|>": {"id": "<|bos|>", "ids": [tok.bos_id], "tokens": ["<|bos|>"]}}}
-    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(spec))
+    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(spec), encoding="utf-8")
     import_hf(tmp_path / "hf", tmp_path / "back")
     _, ours, _ = load_run(tmp_path / "back")
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -276,11 +276,11 @@ def test_import_refuses_what_ours_cannot_represent(tmp_path, tokenizers, capsys)
     make_run(tmp_path / "run", tokenizers["bpe"], "gpt")
     export_hf(tmp_path / "run", tmp_path / "hf")
     config_path = tmp_path / "hf" / "config.json"
-    original = json.loads(config_path.read_text())
+    original = json.loads(config_path.read_text(encoding="utf-8"))
     for change, message in [({"architectures": ["BertForMaskedLM"]}, "BertForMaskedLM is not supported"),
                             ({"activation_function": "gelu_new"}, "'gelu_new'"),
                             ({"layer_norm_epsilon": 1e-6}, "layer_norm_epsilon")]:
-        config_path.write_text(json.dumps({**original, **change}))
+        config_path.write_text(json.dumps({**original, **change}), encoding="utf-8")
         assert message in run_main(["--from-hf", tmp_path / "hf", "--out", tmp_path / "back"], capsys)
     assert "no config.json" in run_main(["--from-hf", tmp_path / "run2", "--out", tmp_path / "back"], capsys)
     assert "names no architecture" in run_main(["--from-hf", tmp_path / "run", "--out", tmp_path / "back"], capsys)
@@ -291,9 +291,9 @@ def test_import_refuses_llama_settings_ours_lacks(tmp_path, tokenizers, capsys):
     make_run(tmp_path / "run", tokenizers["bpe"], "llama")
     export_hf(tmp_path / "run", tmp_path / "hf")
     config_path = tmp_path / "hf" / "config.json"
-    original = json.loads(config_path.read_text())
+    original = json.loads(config_path.read_text(encoding="utf-8"))
     for change, message in [({"rms_norm_eps": 1e-6}, "rms_norm_eps"),
                             ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "'yarn'"),
                             ({"hidden_act": "gelu"}, "hidden_act")]:
-        config_path.write_text(json.dumps({**original, **change}))
+        config_path.write_text(json.dumps({**original, **change}), encoding="utf-8")
         assert message in run_main(["--from-hf", tmp_path / "hf", "--out", tmp_path / "back"], capsys)

@@ -48,7 +48,7 @@ def finetune_run(base_run, out, *extra):
 
 
 def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 def test_the_loss_is_the_cross_entropy_of_exactly_the_assistant_targets(base_run):
@@ -177,5 +177,5 @@ def test_bad_input_exits_2_with_one_line(base_run, tmp_path, monkeypatch, capsys
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err, argv
     result = subprocess.run([sys.executable, str(ROOT / "finetune.py"), "bigram", "--data", good],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=120, encoding="utf-8")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

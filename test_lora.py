@@ -164,7 +164,7 @@ def test_peft_loads_our_adapter_onto_our_export(tmp_path, case):
         ours, base = model(idx)[0], transformers.AutoModelForCausalLM.from_pretrained(hf_dir)(idx).logits
         assert (theirs(idx).logits - ours).abs().max() <= 1e-4
         assert (ours - base).abs().max() > 0.1  # the adapters matter, so a lost one would show
-    config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text())
+    config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     if case == "llama-gqa":
         assert config["target_modules"] == ["down_proj", "k_proj", "o_proj", "q_proj", "v_proj"]  # "out_proj": both
         _, tensors = read_adapter(tmp_path / "adapter")
@@ -238,7 +238,7 @@ def test_bad_input(tmp_path):
         load_adapter(tiny("llama", n_embd=64), tmp_path / "a")
     with pytest.raises(ValueError, match="holds adapters this model has no layer for"):
         load_adapter(tiny("llama", n_layer=1), tmp_path / "a")
-    config = json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text())
-    (tmp_path / "a" / ADAPTER_CONFIG).write_text(json.dumps({**config, "use_dora": True}))
+    config = json.loads((tmp_path / "a" / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    (tmp_path / "a" / ADAPTER_CONFIG).write_text(json.dumps({**config, "use_dora": True}), encoding="utf-8")
     with pytest.raises(ValueError, match="no plain LoRA adapter of one rank and alpha .peft_type 'LORA', use_dora"):
         load_adapter(tiny("llama"), tmp_path / "a")

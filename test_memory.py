@@ -317,7 +317,7 @@ def test_document_starts_and_batches():
 def test_documents_training_resumes_exactly(tmp_path, monkeypatch, ctrl_c_at_batch):
     monkeypatch.chdir(tmp_path)
     import train
-    from training_loop import read_metrics
+    from checkpoint import read_metrics
     text = "\n\n".join("".join(chr(97 + (d * 3 + i * 5) % 26) for i in range(300)) for d in range(12))
     path = tmp_path / "docs.txt"
     path.write_text(text, encoding="utf-8")

@@ -1,6 +1,10 @@
 """Sampling: each rule against a hand-worked case, the generation loop against recomputation."""
 import dataclasses
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,3 +264,16 @@ def test_command_line_samples_stops_and_rejects_bad_values(tmp_path, capsys):
             sample.main([*common, *bad])
         assert exit_info.value.code == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_japanese_to_a_console_that_cannot_show_it_is_replaced_not_a_crash(tmp_path):
+    """A Windows console in cp1252 has no kana: the command prints "?" for them and finishes."""
+    tok = CharTokenizer.train("吾輩は猫である。名前はまだ無い。\n")
+    write_run(tmp_path / "run", tiny_model("gpt", vocab=tok.vocab_size), tok)
+    env = {**os.environ, "PYTHONIOENCODING": "cp1252", "PYTHONUTF8": "0"}
+    result = subprocess.run([sys.executable, str(Path(sample.__file__)), "--model-checkpoint", str(tmp_path / "run"),
+                             "--prompt", "吾輩は猫", "--max-new-tokens", "20", "--seed", "1"], env=env, cwd=tmp_path,
+                            capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode("utf-8", "replace")
+    out = result.stdout.decode("cp1252")
+    assert out.startswith("????") and len(out.strip()) == 4 + 20  # the prompt's 4 characters, then 20 new ones

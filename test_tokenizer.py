@@ -278,6 +278,6 @@ def test_load_tokenizer_errors(tmp_path):
         load_tokenizer(tmp_path / "missing.json")
     with pytest.raises(FileNotFoundError):
         load_tokenizer(tmp_path)
-    (tmp_path / "tokenizer.json").write_text('{"kind": "wordpiece"}')
+    (tmp_path / "tokenizer.json").write_text('{"kind": "wordpiece"}', encoding="utf-8")
     with pytest.raises(ValueError, match="neither"):
         load_tokenizer(tmp_path / "tokenizer.json")

@@ -3,6 +3,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ TEXT = "".join(f"{w} " for w in ("to be or not to be that is the question whethe
 
 
 def cli(*args, cwd):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, encoding="utf-8",
+                          timeout=120)
 
 
 def one_clean_line(result):
@@ -39,9 +41,9 @@ def corpus(tmp_path):
 
 
 def test_bad_inputs_exit_2_with_one_line(tmp_path):
-    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "empty.txt").write_text("", encoding="utf-8")
     (tmp_path / "sjis.txt").write_bytes("こんにちは".encode("shift_jis"))
-    (tmp_path / "short.txt").write_text("abc " * 20)
+    (tmp_path / "short.txt").write_text("abc " * 20, encoding="utf-8")
     train_py, sample_py = str(ROOT / "train.py"), str(ROOT / "sample.py")
     cases = [
         ([train_py, "--data", "missing.txt"], "not found"),
@@ -64,7 +66,7 @@ def run_train(tmp_path, *extra):
 
 
 def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 def test_short_training_run_lowers_val_loss_and_writes_the_run(tmp_path, corpus, monkeypatch):
@@ -200,8 +202,8 @@ def test_out_into_an_existing_run_refuses_unless_overwrite(tmp_path, corpus, mon
     assert file_bytes(run, "model.safetensors", "metrics.jsonl", "config.json") == before
     run_train(tmp_path, "--steps", "3", "--eval-interval", "3", "--overwrite")
     assert [r["step"] for r in metrics(run) if "val_loss" in r] == [3]  # nothing left of the first run
-    assert json.loads((run / "config.json").read_text())["args"]["steps"] == 3
-    assert "overwrite" not in json.loads((run / "config.json").read_text())["args"]
+    assert json.loads((run / "config.json").read_text(encoding="utf-8"))["args"]["steps"] == 3
+    assert "overwrite" not in json.loads((run / "config.json").read_text(encoding="utf-8"))["args"]
 
 
 @pytest.mark.parametrize("typed, message", [
@@ -230,7 +232,7 @@ def test_resume_accepts_training_flags_and_records_them(tmp_path, corpus, monkey
     state = train.run(["--resume", str(tmp_path / "run"), "--steps", "4", "--lr", "5e-4", "--eval-interval", "4",
                        "--n-layer", "1"])  # the run's own value: not a change
     assert state.step == 4
-    args = json.loads((tmp_path / "run" / "config.json").read_text())["args"]
+    args = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))["args"]
     assert (args["steps"], args["lr"], args["eval_interval"]) == (4, 5e-4, 4)
 
 
@@ -240,7 +242,7 @@ def test_resume_after_a_kill_before_the_first_checkpoint_or_mid_write(tmp_path, 
     run_train(tmp_path, "--steps", "4", "--eval-interval", "2")
     run = tmp_path / "run"
     (run / "checkpoint_latest.pt").unlink()
-    with open(run / "metrics.jsonl", "a") as f:
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write('{"step": 5, "train_lo')
     (run / ".model.safetensors.abc123.tmp").write_bytes(b"half a file")
     state = train.run(["--resume", str(run)])
@@ -270,7 +272,7 @@ def test_data_from_many_sources_is_recorded_read_in_place_and_resumed(tmp_path, 
     flags = ["--data", *data, "--out", "run", "--block-size", "16", "--batch-size", "8", "--n-layer", "1",
              "--n-head", "2", "--n-embd", "32", "--eval-iters", "2", "--steps", "4", "--eval-interval", "2"]
     train.run(flags)
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
     files = [tmp_path / "data" / "a.txt", tmp_path / "data" / "more" / "b.jsonl", tmp_path / "other" / "c.txt"]
     assert config["args"]["data"] == data
     assert config["data"] == [{"path": str(f.relative_to(tmp_path)), "bytes": f.stat().st_size,
@@ -316,9 +318,9 @@ def test_bad_data_sources_exit_2_with_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     many_sources(tmp_path)
     (tmp_path / "empty").mkdir()
-    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "typo"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"txt": "typo"}\n', encoding="utf-8")
     (tmp_path / "sjis.txt").write_bytes(b"plain text " + "猫".encode("shift_jis"))
-    (tmp_path / "tiny.txt").write_text("just a few words, far too few for a block")
+    (tmp_path / "tiny.txt").write_text("just a few words, far too few for a block", encoding="utf-8")
     cases = [
         (["empty"], "--data empty: no .txt or .jsonl file there"),
         (["data", "*.csv"], "--data *.csv: no .txt or .jsonl file there"),
@@ -332,3 +334,85 @@ def test_bad_data_sources_exit_2_with_one_line(tmp_path, monkeypatch, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert stop.value.code == 2 and len(err) == 1 and message in err[0], (data, err)
         assert not (tmp_path / "bad").exists()
+
+
+def test_a_runs_config_json_reproduces_it_and_typed_flags_win(tmp_path, corpus, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, "--steps", "6", "--eval-interval", "3", "--lr", "3e-3", "--dropout", "0.1", "--no-bias")
+    train.run(["--config", str(tmp_path / "run" / "config.json"), "--out", str(tmp_path / "again")])
+    assert file_bytes(tmp_path / "run", "model.safetensors") == file_bytes(tmp_path / "again", "model.safetensors")
+    original, again = (json.loads((tmp_path / d / "config.json").read_text(encoding="utf-8")) for d in ("run", "again"))
+    assert again["model"] == original["model"] and again["resolved"] == original["resolved"]
+    typed_first = {k: v for k, v in original["args"].items() if v is not None and k != "out"}
+    assert typed_first.items() <= again["args"].items()  # and every model field, from the file's "model"
+    settings = {"steps": 4, "lr": 2e-3, "n_layer": 2, "bias": True}
+    (tmp_path / "settings.json").write_text(json.dumps(settings), encoding="utf-8")
+    train.run(["--data", str(corpus), "--config", "settings.json", "--lr", "1e-3", "--out", "typed",
+               "--block-size", "16", "--n-embd", "32", "--eval-interval", "4", "--eval-iters", "1"])
+    config = json.loads((tmp_path / "typed" / "config.json").read_text(encoding="utf-8"))
+    assert (config["args"]["steps"], config["args"]["lr"]) == (4, 1e-3)  # the file's steps, the typed lr
+    assert config["model"]["n_layer"] == 2 and config["model"]["bias"] is True and "config" not in config["args"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{'lr': 1e-3}", "is not JSON"),
+    ('{"lr": 1e-3, "learning_rate": 1e-3, "layers_n": 2}', "unknown keys layers_n, learning_rate"),
+    ("[1, 2]", "holds a JSON list"),
+])
+def test_a_bad_config_file_exits_2_with_one_line(tmp_path, monkeypatch, capsys, content, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "settings.json").write_text(content, encoding="utf-8")
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--config", "settings.json", "--out", "bad"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_lr_scaling_scales_both_rates_and_records_them(tmp_path, corpus, monkeypatch, capsys):
+    """The gpt preset's reference is 12 × 64 tokens; 48 × 16 × 4 accumulated is 4 times that."""
+    monkeypatch.chdir(tmp_path)
+    run_train(tmp_path, "--steps", "2", "--eval-interval", "2", "--batch-size", "48", "--grad-accum", "4",
+              "--lr", "1e-3", "--min-lr", "1e-4", "--warmup-steps", "0", "--lr-scaling", "sqrt")
+    config = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))
+    assert config["resolved"]["tokens_per_step"] == 4 * train.REFERENCE_TOKENS["gpt"]
+    assert (config["resolved"]["lr"], config["resolved"]["min_lr"]) == pytest.approx((2e-3, 2e-4))
+    assert config["args"]["lr"] == 1e-3  # what was asked for: --config of this run scales it again alike
+    assert metrics(tmp_path / "run")[0]["lr"] == pytest.approx(2e-3)  # step 0, no warm-up: the peak
+    assert "learning rate 0.002 → 0.0002" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr-scaling", "sqrt", "--preset", "unmeasured"], "preset unmeasured has no reference batch"),
+    (["--lr-scaling", "linear", "--model", "bigram"], "the bigram model has no reference batch"),
+    (["--dtype", "float16"], "--dtype float16: autocast on a CPU supports bfloat16 only"),
+])
+def test_a_setting_the_machine_or_preset_cannot_take_exits_2(tmp_path, corpus, monkeypatch, capsys, flags, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(train.PRESETS, "unmeasured", train.PRESETS["gpt"])
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--data", str(corpus), "--out", "bad", "--device", "cpu", "--block-size", "16", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_estimate_prints_the_run_and_writes_nothing(tmp_path, corpus, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    result = run_train(tmp_path, "--steps", "500", "--eval-interval", "100", "--estimate")
+    out = capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+    V, T, C = int(re.search(r"vocab (\d+)", out).group(1)), 16, 32
+    n = V * C + T * C + (12 * C * C + 2 * C) + C  # embeddings, one layer, the last norm
+    assert f"{n:,} parameters, {6 * n + 12 * 32 * 16:,} FLOPs per token" in out and "estimate:" in out
+    assert result["memory"]["optimizer"] == 8 * n and result["seconds_per_step"] > 0
+    assert result["seconds"] == pytest.approx(500 * result["seconds_per_step"] + 5 * result["seconds_per_eval"])
+
+
+def test_expected_time_counts_the_steps_and_every_evaluation():
+    cfg = train.TrainConfig(steps=1000, eval_interval=250)
+    assert train.expected_seconds(cfg, 0.1, 2.0) == pytest.approx(1000 * 0.1 + 4 * 2.0)
+    cfg = train.TrainConfig(steps=1000, eval_interval=300)  # at 300, 600, 900 and the last step
+    assert train.expected_seconds(cfg, 0.1, 2.0) == pytest.approx(100 + 4 * 2.0)
+    cfg = train.TrainConfig(steps=10**12, max_time=60, eval_interval=250)  # a time budget: 600 steps of 0.1 s
+    assert train.expected_seconds(cfg, 0.1, 2.0) == pytest.approx(60 + 3 * 2.0)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import training_loop
 from bigram_lm import BigramLM
 from training_loop import TrainConfig, TrainingDiverged, estimate_loss, lr_at, make_optimizer, step_progress, train_loop
@@ -80,7 +81,7 @@ def test_short_training_lowers_val_loss_and_logs(tmp_path):
     before = estimate_loss(model, [(x, y)])
     train_loop(model, make_optimizer(model, cfg), cfg, lambda: (x, y), [(x, y)], run_dir=tmp_path)
     assert estimate_loss(model, [(x, y)]) < before - 1.0
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["step"] for r in rows if "train_loss" in r] == [10, 20, 30, 40, 50, 60]
     assert [r["step"] for r in rows if "val_loss" in r] == [30, 60]
     assert all({"lr", "tokens_per_sec"} <= r.keys() for r in rows if "train_loss" in r)
@@ -176,11 +177,12 @@ def test_an_inf_gradient_stops_before_the_update(grad_clip):
 
 def test_read_metrics_drops_only_a_torn_last_row(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "train_lo')
-    assert training_loop.read_metrics(path) == [{"step": 1}, {"step": 2}]
-    path.write_text('{"step": 1}\n{"step": 2, "train_lo\n{"step": 3}\n')  # a broken row inside is an error
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "train_lo', encoding="utf-8")
+    assert checkpoint.read_metrics(path) == [{"step": 1}, {"step": 2}]
+    path.write_text('{"step": 1}\n{"step": 2, "train_lo\n{"step": 3}\n',
+                    encoding="utf-8")  # a broken row inside is an error
     with pytest.raises(ValueError):
-        training_loop.read_metrics(path)
+        checkpoint.read_metrics(path)
 
 
 @pytest.mark.parametrize("preset", ["moe", "llama"])
@@ -202,7 +204,8 @@ def test_train_loss_is_the_cross_entropy_and_moe_logs_its_aux_loss_apart(tmp_pat
 
     cfg = TrainConfig(steps=2, grad_accum=2, batch_size=4, warmup_steps=0, eval_interval=2, log_interval=2)
     train_loop(model, make_optimizer(model, cfg), cfg, next_batch, val, run_dir=tmp_path)
-    train_row, val_row = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = (tmp_path / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    train_row, val_row = [json.loads(line) for line in rows]
     assert train_row["train_loss"] == pytest.approx(sum(cross_entropy) / 4, rel=1e-5)
     logits, _ = model(val[0][0])
     assert val_row["val_loss"] == pytest.approx(F.cross_entropy(logits.flatten(0, 1), val[0][1].flatten()).item(),
@@ -211,3 +214,84 @@ def test_train_loss_is_the_cross_entropy_and_moe_logs_its_aux_loss_apart(tmp_pat
         assert train_row["aux_loss"] == pytest.approx(sum(aux) / 4, rel=1e-5)
     else:
         assert "aux_loss" not in train_row
+
+
+@pytest.mark.parametrize("device, bf16, compiles, expected", [
+    ("cpu", False, False, ("float32", False)),
+    ("mps", False, False, ("float32", False)),
+    ("cuda", True, True, ("bfloat16", True)),  # an A100, an L4
+    ("cuda", False, True, ("float16", True)),  # a T4: no bfloat16, float16 with the gradient scaler
+    ("cuda", True, False, ("bfloat16", False)),  # no Triton: no compiling
+])
+def test_auto_precision_follows_what_the_device_reports(device, bf16, compiles, expected):
+    assert training_loop.choose_precision(device, bf16, compiles) == expected
+    assert training_loop.choose_precision(device, bf16, compiles, "float32", "off") == ("float32", False)
+    assert training_loop.choose_precision(device, bf16, compiles, "auto", "on")[1] is True
+
+
+@pytest.mark.parametrize("device, bf16, dtype, message", [
+    ("cpu", False, "float16", "autocast on a CPU supports bfloat16 only"),
+    ("cuda", False, "bfloat16", "this GPU has no bfloat16"),
+])
+def test_a_precision_the_device_lacks_is_an_error(device, bf16, dtype, message):
+    with pytest.raises(ValueError, match=message):
+        training_loop.choose_precision(device, bf16, False, dtype)
+
+
+def test_cpu_reports_neither_bfloat16_nor_compiling():
+    assert training_loop.device_capabilities("cpu") == (False, False)
+
+
+@pytest.mark.parametrize("rule, factor", [("none", 1.0), ("sqrt", 2.0), ("linear", 4.0)])
+def test_learning_rates_scale_with_the_tokens_per_step(rule, factor):
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-4, lr_scaling=rule)
+    assert training_loop.scaled_lr(cfg, 4 * 2048, 2048) == pytest.approx((1e-3 * factor, 1e-4 * factor))
+    assert training_loop.scaled_lr(cfg, 2048, 2048) == pytest.approx((1e-3, 1e-4))
+    with pytest.raises(ValueError, match="--lr-scaling 'cube'"):
+        TrainConfig(lr_scaling="cube")
+
+
+def test_parameters_flops_and_optimizer_memory_match_hand_formulas():
+    """The gpt preset by hand: embeddings V·C + T·C, per layer 12·C² + 2·C (4 matrices, 2 norms), a last norm;
+    6 FLOPs per parameter plus attention's 12·L·C·T; AdamW two float32 values and a gradient per parameter."""
+    model = Transformer(dataclasses.replace(PRESETS["gpt"], vocab_size=65))
+    V, T, L, C = 65, 64, 4, 128
+    n = V * C + T * C + L * (12 * C * C + 2 * C) + C
+    assert n == 804_096 == sum(p.numel() for p in model.parameters())
+    assert training_loop.flops_per_token(model, T) == 6 * n + 12 * L * C * T
+    cfg = TrainConfig(batch_size=2, warmup_steps=0)
+    memory = training_loop.memory_estimate(model, cfg, T, "float32")
+    optimizer = make_optimizer(model, cfg)
+    x = torch.randint(V, (2, T))
+    model(x, x)[1].backward()
+    optimizer.step()
+    assert memory["weights"] == 4 * n == sum(p.nbytes for p in model.parameters())
+    assert memory["gradients"] == sum(p.grad.nbytes for p in model.parameters())
+    assert memory["optimizer"] == sum(t.nbytes for s in optimizer.state.values() for k, t in s.items() if k != "step")
+    assert training_loop.memory_estimate(model, cfg, T, "bfloat16")["activations"] == memory["activations"] // 2
+
+
+def saved_for_backward(model, x):
+    """Bytes of the tensors autograd keeps for the backward pass of one training forward, parameters aside."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x, x)
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("preset, vocab, attn_impl", [("gpt", 65, "sdpa"), ("llama", 65, "sdpa"),
+                                                      ("moe", 65, "sdpa"), ("llama", 1024, "sdpa"),
+                                                      ("gpt", 65, "manual")])
+def test_the_activation_estimate_matches_what_autograd_saves(preset, vocab, attn_impl):
+    torch.manual_seed(0)
+    config = dataclasses.replace(PRESETS[preset], vocab_size=vocab, n_layer=2, block_size=32, attn_impl=attn_impl)
+    model = Transformer(config)
+    estimate = training_loop.memory_estimate(model, TrainConfig(batch_size=3), 32, "float32")["activations"]
+    assert estimate == pytest.approx(saved_for_backward(model, torch.randint(vocab, (3, 32))), rel=0.15)

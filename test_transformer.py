@@ -99,8 +99,8 @@ def test_asdict_round_trip_rebuilds_the_same_model(tmp_path):
     cfg = small_llama(mlp="moe", ffn_hidden=32, rope_scaling="ntk:2", attn_scale="learnable")
     model = Transformer(cfg).eval()
     path = tmp_path / "config.json"
-    path.write_text(json.dumps(dataclasses.asdict(cfg)))
-    rebuilt = Transformer(ModelConfig(**json.loads(path.read_text()))).eval()
+    path.write_text(json.dumps(dataclasses.asdict(cfg)), encoding="utf-8")
+    rebuilt = Transformer(ModelConfig(**json.loads(path.read_text(encoding="utf-8")))).eval()
     assert rebuilt.config == cfg
     rebuilt.load_state_dict(model.state_dict())  # strict: same names and shapes, no hidden buffers
     idx = torch.randint(65, (2, 32))

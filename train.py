@@ -6,15 +6,23 @@
     python train.py --resume out/llama-bpe            # continue exactly where it stopped
     python train.py --data notes/ books/*.txt chat.jsonl   # many sources: files, folders, globs
     torchrun --nproc_per_node=2 train.py ...          # data-parallel on 2 processes
+    python train.py --preset llama --estimate         # parameters, FLOPs, memory and time of the run, then exit
+    python train.py --config out/llama/config.json --out out/again   # that run's settings again
+    python train.py --preset llama --batch-size 64 --lr-scaling sqrt  # --lr scaled to 4× the tokens per step
 
 Every flag is built from a dataclass field (`TrainConfig` in training_loop.py,
 `ModelConfig` in transformer.py), so `--help` lists every setting with its
-default. The resolved configuration is printed and saved in the run directory.
+default; `--config FILE.json` reads flags from a file (typed ones win). The resolved configuration, with
+the precision (`--dtype auto`: float32 on CPU and MPS, bfloat16 or float16 on CUDA) and learning rates the
+machine and batch led to, is printed and saved in the run directory.
 """
 import argparse
 import dataclasses
 import hashlib
+import math
 import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +31,23 @@ import torch
 import checkpoint as ckpt
 from bigram_lm import BigramLM
 from bpe_tokenizer import TOKENIZER_FILES, load_tokenizer, train_tokenizer
+from checkpoint import add_dataclass_flags, flag, parse_flags, seed_everything
 from dataset import (CACHE_DIR, DEFAULT_CORPUS, SAMPLE_WINDOWS, TOKENIZER_SAMPLE_CHARS, default_workers,
                      encode_parts, get_batch, parts_key, parts_text, recorded_sources, resolve_paths, sample_text,
                      scan_source, split_bounds, split_parts)
 from memory import document_batches, document_starts
-from training_loop import (LoopState, TrainConfig, add_dataclass_flags, epoch_batches, flag, make_optimizer,
-                           parse_flags, pick_dtype, restore, run_command, saver, seed_everything, train_loop)
+from training_loop import (LoopState, TrainConfig, choose_precision, device_capabilities, epoch_batches,
+                           estimate_loss, flops_per_token, make_optimizer, memory_estimate, restore, run_command, saver,
+                           scaled_lr, train_loop)
 from transformer import PRESETS, ModelConfig, Transformer
 
 # A bigram table learns from zero, one logit at a time: it wants a larger step and no decay.
 BIGRAM_DEFAULTS = {"lr": 1e-2, "min_lr": 1e-3, "weight_decay": 0.0}
-RUN_FLAGS = ("model", "preset", "data", "tokenizer", "vocab_size", "seed", "sampler")  # fixed for a run's life
+RUN_FLAGS = ("model", "preset", "data", "tokenizer", "vocab_size", "seed", "sampler", "optimizer")  # fixed for a run's life
+# The tokens per optimizer step at which each preset's learning rate was chosen (batch × block): gpt's is
+# nanoGPT's CPU recipe (12 × 64 at 1e-3), llama's and moe's bench.py's recipes (16 × 128 at 3e-3).
+# --lr-scaling scales --lr from there to a run's batch × block × accumulation × processes.
+REFERENCE_TOKENS = {"gpt": 12 * 64, "llama": 16 * 128, "moe": 16 * 128}
 
 
 def build_parser(suppress=False):
@@ -58,8 +72,12 @@ def build_parser(suppress=False):
     run.add_argument("--seed", type=int, default=s(1337), help="seed for every random number "
                      "(default: %(default)s)")
     run.add_argument("--device", default=s("auto"), help="auto | cpu | cuda | mps (default: %(default)s)")
-    run.add_argument("--compile", action=argparse.BooleanOptionalAction, default=s(False),
-                     help="torch.compile the model (default: %(default)s)")
+    run.add_argument("--config", default=s(None), metavar="FILE.json", help="flags from a JSON file: "
+                     "{\"lr\": 0.003, ...} or a run's config.json (it reproduces that run); flags typed win")
+    run.add_argument("--compile", nargs="?", const="on", choices=["auto", "on", "off"], default=s("auto"),
+                     help="torch.compile the model; auto: on CUDA GPUs that support it (default: %(default)s)")
+    run.add_argument("--estimate", action="store_true", default=s(False), help="print the parameters, FLOPs, "
+                     "memory and expected time of the run (from a few timed steps here), then exit")
     run.add_argument("--sampler", choices=["random", "epoch", "documents"], default=s("random"),
                      help="random-offset blocks (fast), shuffled epochs of whole blocks through a DataLoader, or "
                      "documents: each batch row reads its document on, for a memory (default: %(default)s)")
@@ -128,8 +146,12 @@ def resolve_args(argv):
         args["steps"] = 10**12  # a time budget alone: --steps would only be a cap
     if args["preset"] not in PRESETS:
         raise ValueError(f"unknown preset {args['preset']!r}: choose one of {', '.join(PRESETS)}")
+    if args["lr_scaling"] != "none" and (args["model"] != "transformer" or args["preset"] not in REFERENCE_TOKENS):
+        what = "the bigram model" if args["model"] != "transformer" else f"preset {args['preset']}"
+        raise ValueError(f"--lr-scaling {args['lr_scaling']}: {what} has no reference batch to scale from; "
+                         f"use --lr-scaling none and choose --lr yourself")
     args["out"] = args["out"] or str(Path("out") / (args["preset"] if args["model"] == "transformer" else "bigram"))
-    if not args["resume"] and (Path(args["out"]) / ckpt.CONFIG).exists():
+    if not args["resume"] and not args["estimate"] and (Path(args["out"]) / ckpt.CONFIG).exists():
         if not overwrite:
             raise ValueError(f"{args['out']} already holds a run: continue it with --resume {args['out']}, "
                              f"or start it again with --overwrite (its files are replaced)")
@@ -212,13 +234,81 @@ def batch_stream(args, ids, block_size, batch_size, rank, world, start, device, 
     return next_batch
 
 
+def seconds_per_step(model, optimizer, cfg, next_batch, device_type, world_size=1, warmup=2, timed=8):
+    """Seconds an optimizer step takes on this device, through the one training loop: `warmup` steps (memory,
+    caches, compilation) and then the mean of `timed` more. It trains the model: --estimate exits after it."""
+    quick = dataclasses.replace(cfg, steps=warmup, max_time=0.0, eval_interval=10**9, patience=0)
+    probe = [next_batch()]  # the loop evaluates after its last step; this one batch keeps that short
+    state = train_loop(model, optimizer, quick, next_batch, probe, device_type=device_type, is_main=False,
+                       world_size=world_size)
+    before = state.elapsed
+    train_loop(model, optimizer, dataclasses.replace(quick, steps=warmup + timed), next_batch, probe, state=state,
+               device_type=device_type, is_main=False, world_size=world_size)
+    return (state.elapsed - before) / timed
+
+
+def expected_seconds(cfg, step_seconds, eval_seconds):
+    """How long a run takes: its steps (or --max-time), plus an evaluation every eval_interval steps and at the end."""
+    steps = min(cfg.steps, cfg.max_time / step_seconds) if cfg.max_time else cfg.steps
+    return steps * step_seconds + math.ceil(steps / cfg.eval_interval) * eval_seconds
+
+
+def learning_rate_line(args, tcfg, tokens_per_step):
+    """The learning rates the run uses, and how --lr-scaling got them."""
+    line = f"learning rate {tcfg.lr:.3g} → {tcfg.min_lr:.3g}; {tokens_per_step:,} tokens per step"
+    if tcfg.lr_scaling == "none":
+        return line
+    reference = REFERENCE_TOKENS[args["preset"]]
+    return (line + f": --lr-scaling {tcfg.lr_scaling} from --lr {args['lr']:.3g} at the {args['preset']} preset's "
+            f"{reference:,} (×{tokens_per_step / reference:.3g} tokens)")
+
+
+def memory_line(model, tcfg, block_size):
+    """Parameters, FLOPs per token and the memory a step holds (training_loop.memory_estimate)."""
+    memory = memory_estimate(model, tcfg, block_size, tcfg.dtype)
+    parts = ", ".join(f"{name} {value / 2**20:,.1f}" for name, value in memory.items())
+    return (f"{sum(p.numel() for p in model.parameters()):,} parameters, {flops_per_token(model, block_size):,} "
+            f"FLOPs per token; memory in MB: {parts} (batch {tcfg.batch_size} × {block_size}) = "
+            f"{sum(memory.values()) / 2**20:,.1f}")
+
+
+def process_memory():
+    """This process's resident memory in bytes: now where /proc tells it (Linux), else its peak so far."""
+    statm = Path("/proc/self/statm")
+    if statm.exists():
+        return int(statm.read_text(encoding="utf-8").split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    import resource  # not on Windows: there the device memory alone is estimated
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def estimate(model, net, optimizer, tcfg, next_batch, val_set, device_type, world, is_main):
+    """--estimate: time a few steps of `net` (the model as trained: compiled, data-parallel) and one evaluation
+    here, print what the whole run will take, and return it."""
+    memory = memory_estimate(model, tcfg, val_set[0][0].shape[1], tcfg.dtype)
+    now = process_memory() if device_type == "cpu" else 0
+    step_s = seconds_per_step(net, optimizer, tcfg, next_batch, device_type, world)
+    t0 = time.perf_counter()
+    estimate_loss(net, val_set, device_type, tcfg.dtype)
+    eval_s = time.perf_counter() - t0
+    seconds = expected_seconds(tcfg, step_s, eval_s)
+    result = {"seconds_per_step": step_s, "seconds_per_eval": eval_s, "seconds": seconds, "memory": memory,
+              "peak_rss": now + memory["gradients"] + memory["optimizer"] + memory["activations"]}
+    if is_main:
+        took = f"{seconds:,.0f} s" if seconds < 120 else f"{seconds / 60:,.1f} min"
+        rss = f"; peak process memory about {result['peak_rss'] / 2**20:,.0f} MB ({now / 2**20:,.0f} MB now)"
+        print(f"estimate: {step_s * 1000:,.1f} ms per step and {eval_s:.2f} s per evaluation here: the run takes "
+              f"about {took}" + (rss if now else ""))
+    return result
+
+
 def run(argv=None):
-    """Train as the flags say; returns the final LoopState."""
+    """Train as the flags say; returns the final LoopState (with --estimate, the estimate's dict)."""
     args = resolve_args(argv)
     device, rank, world = setup_distributed(ckpt.pick_device(args["device"]))
     is_main, device_type = rank == 0, device.split(":")[0]
     tcfg = TrainConfig(**{f.name: args[f.name] for f in dataclasses.fields(TrainConfig)})
-    tcfg.dtype = pick_dtype(tcfg.dtype, device_type)
+    tcfg.dtype, use_compile = choose_precision(device_type, *device_capabilities(device_type), tcfg.dtype,
+                                               args["compile"])
     seed_everything(args["seed"] + rank)
     run_dir = Path(args["out"])
 
@@ -242,17 +332,23 @@ def run(argv=None):
     if len(train_ids) < block_size + 1:
         raise ValueError(f"the training split has {len(train_ids)} tokens, fewer than one block "
                          f"({block_size + 1}); use more text or a smaller --block-size")
+    tokens_per_step = tcfg.batch_size * block_size * tcfg.grad_accum * world
+    if tcfg.lr_scaling != "none":
+        tcfg.lr, tcfg.min_lr = scaled_lr(tcfg, tokens_per_step, REFERENCE_TOKENS[args["preset"]])
     model.to(device)
     optimizer = make_optimizer(model, tcfg, device_type)
     state = restore(run_dir, model, optimizer, is_main) if args["resume"] else LoopState()
     if is_main:
-        if args.pop("overwrite", False):
+        if args.pop("overwrite", False) and not args["estimate"]:
             for name in (ckpt.METRICS, ckpt.WEIGHTS, ckpt.BEST_WEIGHTS, ckpt.STATE, "loss.png", "samples.txt"):
                 (run_dir / name).unlink(missing_ok=True)
         config = {"model": ckpt.model_config_dict(model), "block_size": block_size, "tokenizer": args["tokenizer"],
                   "tokenizer_file": TOKENIZER_FILES[args["tokenizer"]], "args": args,
-                  "data": [source.record() for source in sources]}
-        ckpt.save_run_files(run_dir, config, tok, config["tokenizer_file"])
+                  "data": [source.record() for source in sources],
+                  "resolved": {"dtype": tcfg.dtype, "compile": use_compile, "lr": tcfg.lr, "min_lr": tcfg.min_lr,
+                               "tokens_per_step": tokens_per_step}}
+        if not args["estimate"]:
+            ckpt.save_run_files(run_dir, config, tok, config["tokenizer_file"])
         unused = {"vocab_size"} if args["tokenizer"] == "char" else set()  # the char vocabulary is the text's
         print("config:", {k: v for k, v in args.items() if v is not None and k not in unused})
         print(f"{args['model']} model: {sum(p.numel() for p in model.parameters()):,} parameters; "
@@ -260,14 +356,17 @@ def run(argv=None):
               f"batch {tcfg.batch_size}×{tcfg.grad_accum} accum×{world} proc = "
               f"{tcfg.batch_size * tcfg.grad_accum * world} sequences of {block_size}"
               + (f"; resuming at step {state.step} of {tcfg.steps}" if args["resume"] else ""))
+        print(learning_rate_line(args, tcfg, tokens_per_step) + "\n" + memory_line(model, tcfg, block_size))
 
-    net = torch.compile(model) if args["compile"] else model
+    net = torch.compile(model) if use_compile else model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(net)
     val_set = val_batches(val_ids, window, tcfg.batch_size, tcfg.eval_iters, device)
     report = getattr(model, "moe_report", None)
     next_batch = batch_stream(args, train_ids, window, tcfg.batch_size, rank, world, state.step * tcfg.grad_accum,
                               device, tok)
+    if args["estimate"]:
+        return estimate(model, net, optimizer, tcfg, next_batch, val_set, device_type, world, is_main)
     state = train_loop(net, optimizer, tcfg, next_batch, val_set, state=state, run_dir=run_dir,
                        save=saver(run_dir, model, optimizer), device_type=device_type, is_main=is_main,
                        world_size=world, on_eval=lambda m: report(val_set[0][0]) if report else {},

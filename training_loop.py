@@ -11,30 +11,29 @@ Its run-directory half, `saver` and `restore`, writes and reads back the
 checkpoints, so that train.py and finetune.py save and resume alike.
 
 New since stage 7: the optimizer and schedule (14), evaluation during
-training (8), precision and accumulation (21), distributed-aware logging (22).
+training (8), precision and accumulation (21), distributed-aware logging (22),
+and fitting the machine: the precision its device supports, learning rates
+scaled to the batch, and estimates of a run's FLOPs, memory and time.
 Run the demo: `python training_loop.py` (a bigram model on a toy text).
 """
-import argparse
 import contextlib
 import dataclasses
-import inspect
+import importlib.util
 import json
 import math
-import random
-import re
+import mmap
 import sys
 import time
-import types
-import typing
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 import checkpoint as ckpt
-from dataset import atomic_write, default_workers
+from char_tokenizer import replace_unencodable_output
+from components import swiglu_hidden
+from dataset import default_workers
 from muon import Muon, param_groups
 
 
@@ -53,6 +52,20 @@ class BlockDataset(torch.utils.data.Dataset):
 
     def __len__(self):
         return self.n
+
+    def __getstate__(self):
+        """What a DataLoader worker receives: a memmap's file to open again, not a copy of the whole split (a
+        worker started by spawn, as on macOS and Windows, gets its dataset pickled; one forked shares pages)."""
+        state = dict(self.__dict__)
+        if isinstance(self.data, np.memmap) and isinstance(self.data.base, mmap.mmap):  # a whole file, not a view
+            state["data"] = (self.data.filename, self.data.dtype.str, self.data.offset, self.data.shape)
+        return state
+
+    def __setstate__(self, state):
+        if isinstance(state["data"], tuple):
+            filename, dtype, offset, shape = state["data"]
+            state["data"] = np.memmap(filename, dtype=dtype, mode="r", offset=offset, shape=shape)
+        self.__dict__.update(state)
 
     def __getitem__(self, i):
         start = i * self.stride
@@ -100,8 +113,9 @@ class TrainConfig:
     ckpt_every: int = 0  # also checkpoint every N steps (0: at each evaluation and at the end only)
     max_time: float = 0.0  # seconds of training; the schedule then runs on time, --steps only caps it (0: off)
     patience: int = 0  # stop after N evaluations without a better val loss (0: never)
-    dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (autocast); auto: fp32 on CPU/MPS, bf16/fp16 on CUDA
     optimizer: str = "adamw"  # adamw | muon (Muon for the matrices in the blocks, AdamW for the rest: muon.py)
+    lr_scaling: str = "none"  # none | sqrt | linear: fit --lr, --min-lr to the tokens per step (vs the preset's)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_interval", "eval_iters", "log_interval"):
@@ -111,39 +125,10 @@ class TrainConfig:
             raise ValueError(f"--optimizer {self.optimizer!r} is not one of adamw, muon")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= --min-lr <= --lr and --lr > 0, got lr {self.lr}, min-lr {self.min_lr}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype {self.dtype!r} is not one of float32, bfloat16, float16")
-
-
-def flag(name):
-    return "--" + name.replace("_", "-")
-
-
-def field_comments(cls):
-    """The trailing comment of each field in a dataclass's source: `n_layer: int = 4  # blocks`."""
-    found = re.findall(r"^\s+(\w+): [^=#]+=[^#]*#\s*(.+)$", inspect.getsource(cls), flags=re.M)
-    return dict(found)
-
-
-def add_dataclass_flags(group, cls, defaults, suppress, skip=(), presets=None):
-    """One flag per field of `cls` (but `skip`); its help is the field's comment.
-
-    With `presets` (name -> instance), the help lists each preset's value instead of one default.
-    """
-    hints, comments = typing.get_type_hints(cls), field_comments(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        kind = hints[f.name]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X] -> X
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        default = argparse.SUPPRESS if suppress else defaults.get(f.name, f.default)
-        shown = ", ".join(f"{n}: {getattr(v, f.name)}" for n, v in presets.items()) if presets else "%(default)s"
-        help_text = comments.get(f.name, f.name.replace("_", " ")).replace("%", "%%") + f" (default: {shown})"
-        if kind is bool:
-            group.add_argument(flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=help_text)
-        else:
-            group.add_argument(flag(f.name), type=kind, default=default, help=help_text)
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype {self.dtype!r} is not one of auto, float32, bfloat16, float16")
+        if self.lr_scaling not in ("none", "sqrt", "linear"):
+            raise ValueError(f"--lr-scaling {self.lr_scaling!r} is not one of none, sqrt, linear")
 
 
 def lr_at(step, progress, cfg):
@@ -175,45 +160,78 @@ def autocast_for(device_type, dtype):
     return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
-def parse_flags(build_parser, argv):
-    """(all flags, the typed ones, --overwrite): the second parse drops defaults, to tell typed from default."""
-    args = vars(build_parser().parse_args(argv))
-    typed = vars(build_parser(suppress=True).parse_args(argv))
-    typed.pop("overwrite", None)
-    return args, typed, args.pop("overwrite")
+def choose_precision(device_type, bf16_supported, compile_works, dtype="auto", compile="auto"):
+    """(dtype, compile?) for a device and what it reports it can do; "auto" picks, a named choice is checked.
+
+    auto: float32 on a CPU (autocast there has bfloat16 only, and a CPU without bf16 matrix units runs it
+    slower) and on MPS (where float16 autocast has given silently wrong losses); on CUDA bfloat16, or float16
+    with the gradient scaler on a GPU without bfloat16 (a T4). --compile auto compiles where `compile_works`.
+    """
+    if dtype == "auto":
+        dtype = "float32" if device_type != "cuda" else "bfloat16" if bf16_supported else "float16"
+    elif dtype == "float16" and device_type == "cpu":
+        raise ValueError("--dtype float16: autocast on a CPU supports bfloat16 only; use --dtype float32 (or auto)")
+    elif dtype == "bfloat16" and device_type == "cuda" and not bf16_supported:
+        raise ValueError("--dtype bfloat16: this GPU has no bfloat16; use --dtype float16 (with the gradient "
+                         "scaler) or auto")
+    return dtype, compile_works if compile == "auto" else compile in ("on", True)  # True: a run from before auto
 
 
-def pick_dtype(dtype, device):
-    """The requested precision, or float32 with a note where the device lacks it."""
-    if dtype == "float16" and device == "cpu":
-        print("note: float16 autocast needs a GPU; training in float32")
-        return "float32"
-    if dtype == "bfloat16" and device == "cuda" and not torch.cuda.is_bf16_supported():
-        print("note: this GPU has no bfloat16; training in float32")
-        return "float32"
-    return dtype
+def device_capabilities(device_type):
+    """What the device reports: (bfloat16 supported, torch.compile expected to work). Compiling needs Triton
+    and a GPU of compute capability 7.0 or more; on a CPU it takes ~20 s before the first step, worth it only
+    for long runs (--compile on), and on MPS it is not dependable."""
+    if device_type != "cuda":
+        return False, False
+    triton = importlib.util.find_spec("triton") is not None
+    return torch.cuda.is_bf16_supported(), triton and torch.cuda.get_device_capability() >= (7, 0)
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def scaled_lr(cfg, tokens_per_step, reference_tokens):
+    """(lr, min_lr) of `cfg` scaled by `cfg.lr_scaling` for `tokens_per_step` against `reference_tokens`, the
+    tokens per step at which cfg.lr was chosen: "sqrt" multiplies by √ratio (the rule for Adam, whose update
+    noise falls as 1/√batch), "linear" by the ratio (SGD's rule), "none" keeps them.
+    Example: lr 1e-3 tuned at 2,048 tokens, run at 8,192: sqrt 2e-3, linear 4e-3.
+    """
+    ratio = tokens_per_step / reference_tokens
+    factor = {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[cfg.lr_scaling]
+    return cfg.lr * factor, cfg.min_lr * factor
 
 
-def rng_state():
-    """The global generators' states (dropout draws from torch's), as lists and tensors for weights_only loads."""
-    version, internal, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": [version, list(internal), gauss], "numpy": [keys.tolist(), pos, has_gauss, cached],
-            "torch": torch.get_rng_state()}
+def flops_per_token(model, block_size):
+    """Training FLOPs per token: 6 per parameter (2 forward, 4 backward) plus attention's 12·L·C·T, the
+    PaLM estimate. Example: 10 M parameters, 4 layers of 128 channels, T 256: 6e7 + 1.6e6."""
+    cfg = getattr(model, "config", None)  # a bigram table has no layers
+    attention = 12 * cfg.n_layer * cfg.n_embd * block_size if cfg else 0
+    return 6 * sum(p.numel() for p in model.parameters()) + attention
 
 
-def set_rng_state(saved):
-    version, internal, gauss = saved["python"]
-    random.setstate((version, tuple(internal), gauss))
-    keys, pos, has_gauss, cached = saved["numpy"]
-    np.random.set_state(("MT19937", np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(saved["torch"])
+def activation_elements(model, block_size):
+    """Values per token that autograd keeps for the backward pass. Per layer: the inputs of both norms and of
+    every Linear, q/k/v (again after RoPE), the attention output, and the feed-forward's hidden units (2 per
+    unit for GELU, 4 for SwiGLU, for each of the top-k experts of an MoE); then the last norm's, and the
+    logits with their log-softmax. test_training_loop checks it against the tensors autograd saves."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return 2 * model.vocab_size  # logits and their log-softmax
+    C, kv = cfg.n_embd, cfg.kv_heads * cfg.head_dim
+    attention = 6 * C + (C + 2 * kv) + (C + kv if cfg.pos == "rope" else 0) + (C if cfg.norm == "rmsnorm" else 0)
+    if cfg.attn_impl == "manual":
+        attention += 2 * cfg.n_head * block_size  # each query's row of scores and of weights, per head
+    hidden = cfg.ffn_hidden or (4 * C if cfg.mlp == "gelu" else swiglu_hidden(C))
+    mlp = {"gelu": 2 * hidden, "swiglu": 4 * hidden,
+           "moe": cfg.moe_top_k * (4 * hidden + 2 * C) + cfg.n_experts}[cfg.mlp]
+    return cfg.n_layer * (attention + mlp) + 2 * C + 2 * cfg.vocab_size
+
+
+def memory_estimate(model, cfg, block_size, dtype):
+    """Bytes a training step holds, as a dict: weights; gradients and AdamW's two moments for each trainable
+    value (float32); the activations of one micro-batch (2 bytes a value under 16-bit autocast)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_value = 2 if dtype in ("bfloat16", "float16") else 4
+    return {"weights": weights, "gradients": 4 * trainable, "optimizer": 8 * trainable,
+            "activations": per_value * cfg.batch_size * block_size * activation_elements(model, block_size)}
 
 
 def reset_memory(model, rows=None):
@@ -263,50 +281,6 @@ class LoopState:
     tokens: int = 0
 
 
-def append_metrics(run_dir, row):
-    if run_dir is not None:
-        with open(Path(run_dir) / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def read_metrics(path):
-    """The rows of a metrics.jsonl, less the torn last line (only that one) that a kill mid-append can leave."""
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    if lines and not lines[-1].endswith("\n"):
-        lines.pop()
-    return [json.loads(line) for line in lines]
-
-
-def plot_losses(runs, path):
-    """Train and val loss by step and by tokens, two curves per run (`runs`: label -> rows); False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, (ax_step, ax_tok) = plt.subplots(1, 2, figsize=(11, 4))
-    for label, rows in runs.items():
-        for key, style in (("train_loss", "-"), ("val_loss", "o-")):
-            pts = [(r["step"], r.get("tokens", 0), r[key]) for r in rows if key in r]
-            if pts:
-                steps, tokens, losses = zip(*pts)
-                name = f"{label} {key.split('_')[0]}"
-                ax_step.plot(steps, losses, style, ms=3, label=name)
-                ax_tok.plot(tokens, losses, style, ms=3, label=name)
-    ax_step.set_xlabel("step")
-    ax_tok.set_xlabel("tokens seen")
-    for ax in (ax_step, ax_tok):
-        ax.set_ylabel("loss (nats/token)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))  # a kill never leaves half a PNG
-    plt.close(fig)
-    return True
-
-
 def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, run_dir=None, save=None,
                device_type="cpu", is_main=True, world_size=1, on_eval=None, step_seed=None, clock=time.perf_counter):
     """Train `model` until `cfg.steps` (or `cfg.max_time`) and return the LoopState.
@@ -317,6 +291,8 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
     given, re-seeds torch's generator (dropout) before each step, so the masks of step s are the same in a resumed run
     and differ between ranks, with no generator state to save. `clock` measures training time (tests fake it)."""
     state = state or LoopState()
+    if cfg.dtype == "auto":  # a TrainConfig made in code: the device decides, as on the command line
+        cfg = dataclasses.replace(cfg, dtype=choose_precision(device_type, *device_capabilities(device_type))[0])
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world_size
     # The bar counts steps, or training seconds when the run has a time budget.
@@ -375,7 +351,7 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
                 means = {name: sum(r[name] for r in recent) / len(recent) for name in logged}
                 row = {"step": state.step, **means, "lr": lr,
                        "tokens_per_sec": round(tok_s), "tokens": state.tokens, "elapsed": round(state.elapsed, 2)}
-                append_metrics(run_dir, row)
+                ckpt.append_metrics(run_dir, row)
                 aux = f" aux {row['aux_loss']:.3f}" if "aux_loss" in row else ""
                 bar.set_postfix_str(f"loss {row['train_loss']:.4f}{aux} lr {lr:.2e} {tok_s:,.0f} tok/s")
                 recent = []
@@ -393,7 +369,7 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
                 if is_main:
                     row = {"step": state.step, "val_loss": val, "tokens": state.tokens,
                            **(on_eval(model) if on_eval else {})}
-                    append_metrics(run_dir, row)
+                    ckpt.append_metrics(run_dir, row)
                     bar.write(f"step {state.step}: val loss {val:.4f}" + (" (best)" if improved else ""))
                     if save:
                         save(state, val if improved else None)
@@ -423,7 +399,7 @@ def restore(run_dir, model, optimizer, is_main):
         ckpt.check_state_dict(saved["model"], model, run_dir / ckpt.STATE)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        set_rng_state(saved["rng"])
+        ckpt.set_rng_state(saved["rng"])
         if saved.get("memory"):  # a document pipeline's rows continue their documents where they stopped
             model.set_memory_state(saved["memory"])
         state = LoopState(**saved["loop"])
@@ -433,7 +409,8 @@ def restore(run_dir, model, optimizer, is_main):
         for tmp in run_dir.glob(".*.tmp"):  # dataset.atomic_write's names
             tmp.unlink()
         if (run_dir / ckpt.METRICS).exists():
-            kept = [json.dumps(r) + "\n" for r in read_metrics(run_dir / ckpt.METRICS) if r["step"] <= state.step]
+            rows = ckpt.read_metrics(run_dir / ckpt.METRICS)
+            kept = [json.dumps(r) + "\n" for r in rows if r["step"] <= state.step]
             ckpt.atomic_write_bytes(run_dir / ckpt.METRICS, "".join(kept).encode())
     return state
 
@@ -455,16 +432,17 @@ def saver(run_dir, model, optimizer, weights_of=None):
         if best_val is not None:
             ckpt.save_weights(weights, run_dir / ckpt.BEST_WEIGHTS)
         ckpt.save_training_state(run_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                           "loop": dataclasses.asdict(state), "rng": rng_state(),
+                                           "loop": dataclasses.asdict(state), "rng": ckpt.rng_state(),
                                            "memory": getattr(model, "get_memory_state", dict)()})
-        if not plot_losses({run_dir.name: read_metrics(run_dir / ckpt.METRICS)}, run_dir / "loss.png") \
-                and plot_note:
+        rows = ckpt.read_metrics(run_dir / ckpt.METRICS)
+        if not ckpt.plot_losses({run_dir.name: rows}, run_dir / "loss.png") and plot_note:
             print(plot_note.pop())
     return save
 
 
 def run_command(run, argv=None):
     """main() of a training command: a user's error is one line and exit 2, divergence 1, Ctrl-C 130."""
+    replace_unencodable_output()
     try:
         run(argv)
     except (ValueError, FileNotFoundError) as e:
