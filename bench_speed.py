@@ -128,7 +128,8 @@ BENCHES["muon"] = bench_muon
 def run_c_tokens_per_sec(run_c, model_dir, new_tokens, core):
     """run.c's own tokens/s figure, greedy, pinned to `core` (it reads tokenizer.bin from its working folder)."""
     out = subprocess.run(["taskset", "-c", str(core), str(Path(run_c).resolve()), "model.bin", "0",
-                          str(new_tokens + 1)], cwd=model_dir, capture_output=True, text=True, check=True).stdout
+                          str(new_tokens + 1)], cwd=model_dir, capture_output=True, text=True, encoding="utf-8",
+                         check=True).stdout
     return float(re.findall(r"achieved tok/s: ([\d.]+)", out)[-1])
 
 

@@ -109,7 +109,7 @@ def tiny_run(out, *extra):
 def test_muon_run_resumed_after_3_steps_equals_6_in_one_go(tmp_path, monkeypatch):
     # With 2 warm-up steps the first 3 learning rates do not depend on --steps (3 or 6): warm-up, then the peak.
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "t.txt").write_text(TEXT)
+    (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
     tiny_run("straight", "--steps", "6", "--eval-interval", "3")
     tiny_run("resumed", "--steps", "3", "--eval-interval", "3")
     train.run(["--resume", "resumed", "--steps", "6"])
@@ -125,5 +125,5 @@ def test_muon_run_resumed_after_3_steps_equals_6_in_one_go(tmp_path, monkeypatch
 
 def test_an_unknown_optimizer_is_one_line_and_exit_2(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--optimizer", "sgd"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, encoding="utf-8", timeout=60)
     assert result.returncode == 2 and result.stderr.strip() == "error: --optimizer 'sgd' is not one of adamw, muon"

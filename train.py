@@ -43,7 +43,8 @@ from transformer import PRESETS, ModelConfig, Transformer
 
 # A bigram table learns from zero, one logit at a time: it wants a larger step and no decay.
 BIGRAM_DEFAULTS = {"lr": 1e-2, "min_lr": 1e-3, "weight_decay": 0.0}
-RUN_FLAGS = ("model", "preset", "data", "tokenizer", "vocab_size", "seed", "sampler", "optimizer")  # fixed for a run's life
+# fixed for a run's life (a resume that changes one refuses)
+RUN_FLAGS = ("model", "preset", "data", "tokenizer", "vocab_size", "seed", "sampler", "optimizer")
 # The tokens per optimizer step at which each preset's learning rate was chosen (batch × block): gpt's is
 # nanoGPT's CPU recipe (12 × 64 at 1e-3), llama's and moe's bench.py's recipes (16 × 128 at 3e-3).
 # --lr-scaling scales --lr from there to a run's batch × block × accumulation × processes.
