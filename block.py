@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from attention import MultiHeadAttention
 from components import MLP, MoE, RotaryEmbedding, SwiGLU, make_norm
+from recurrent import Recurrent
 
 FFN_KINDS = ("gelu", "swiglu", "moe")
 
@@ -35,25 +36,36 @@ def make_ffn(cfg):
     raise ValueError(f"unknown mlp {cfg.mlp!r}: choose from {FFN_KINDS}")
 
 
+def make_mixer(cfg, kind="attn"):
+    """The token-mixing sub-layer of a block: "attn" -> MultiHeadAttention, "recurrent" -> Recurrent."""
+    if kind == "attn":
+        rotary = None
+        if cfg.pos == "rope":
+            rotary = RotaryEmbedding(cfg.n_embd // cfg.n_head, cfg.rope_theta, cfg.rope_scaling,
+                                     max_len=cfg.block_size)
+        return MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.block_size, cfg.n_kv_head, cfg.bias, cfg.dropout,
+                                  cfg.attn_impl, cfg.attn_scale, rotary)
+    if kind == "recurrent":
+        return Recurrent(cfg.n_embd, cfg.recurrent_cell, cfg.recurrent_train, cfg.lct_passes, cfg.memory_segments,
+                         cfg.bias)
+    raise ValueError(f"unknown layer kind {kind!r}: choose from ('attn', 'recurrent')")
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x += attn(norm(x)); x += ffn(norm(x)).
 
     cfg is a transformer.ModelConfig (any object with its fields: n_embd, n_head,
     n_kv_head, block_size, bias, dropout, norm, mlp, pos, rope_theta, rope_scaling,
-    attn_impl, attn_scale, ffn_hidden, n_experts, moe_top_k).
+    attn_impl, attn_scale, ffn_hidden, n_experts, moe_top_k; for kind "recurrent" also recurrent_cell,
+    recurrent_train, lct_passes, memory_segments). kind picks the token mixer (make_mixer).
     forward(x (B, T, C), cache, layer) -> (x (B, T, C), aux) where aux is the MoE
     load-balancing loss (a scalar tensor) or None for a dense feed-forward.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, kind="attn"):
         super().__init__()
-        head_dim = cfg.n_embd // cfg.n_head
-        rotary = None
-        if cfg.pos == "rope":
-            rotary = RotaryEmbedding(head_dim, cfg.rope_theta, cfg.rope_scaling, max_len=cfg.block_size)
         self.attn_norm = make_norm(cfg.norm, cfg.n_embd, cfg.bias)
-        self.attn = MultiHeadAttention(cfg.n_embd, cfg.n_head, cfg.block_size, cfg.n_kv_head, cfg.bias, cfg.dropout,
-                                       cfg.attn_impl, cfg.attn_scale, rotary)
+        self.attn = make_mixer(cfg, kind)  # named attn whatever its kind: the parameter names stay put
         self.ffn_norm = make_norm(cfg.norm, cfg.n_embd, cfg.bias)
         self.ffn = make_ffn(cfg)
         self.dropout = cfg.dropout  # on each sub-layer's output, before it joins the stream

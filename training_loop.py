@@ -227,13 +227,12 @@ def set_rng_state(saved):
 @torch.no_grad()
 def estimate_loss(model, batches, device_type="cpu", dtype="float32"):
     """Mean loss over a fixed list of (x, y) batches, in eval mode (no dropout)."""
-    was_training = model.training
+    was_training, total = model.training, 0.0
     model.eval()
-    total = 0.0
     for x, y in batches:
+        getattr(getattr(model, "module", model), "reset_memory", lambda: None)()  # rows of unrelated windows
         with autocast_for(device_type, dtype):
-            _, loss = model(x, y)
-        total += loss.item()
+            total += model(x, y)[1].item()
     model.train(was_training)
     return total / len(batches)
 
@@ -340,6 +339,7 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
                 group["lr"] = lr
             loss_sum, logged, block = 0.0, {}, 0
             for micro in range(cfg.grad_accum):
+                getattr(getattr(model, "module", model), "reset_memory", lambda: None)()  # unrelated windows
                 x, y = next_batch()
                 block = x.shape[1]
                 sync = micro == cfg.grad_accum - 1 or not hasattr(model, "no_sync")

@@ -24,9 +24,11 @@ from attention import ATTN_IMPLS, ATTN_SCALES, KVCache
 from bigram_lm import next_token_loss
 from block import FFN_KINDS, Block
 from components import Embeddings, MoE, expert_counts, load_balancing_loss, make_norm, parse_rope_scaling
+from recurrent import RECURRENT_CELLS, RECURRENT_TRAINS
 
 NORMS = ("layernorm", "rmsnorm")
-POSITIONS = ("learned", "rope")
+POSITIONS = ("learned", "rope", "none")  # "none": a recurrent model reads order from its recurrence
+LAYER_KINDS = ("attn", "recurrent")
 
 
 @dataclass
@@ -53,13 +55,19 @@ class ModelConfig:
     n_experts: int = 4  # experts per MoE layer (mlp="moe")
     moe_top_k: int = 2  # experts each token is sent to (mlp="moe")
     moe_aux_weight: float = 0.01  # weight of the MoE load-balancing loss added while training
+    layers: str | None = None  # mixer of each layer, comma-separated "attn"/"recurrent"; one kind: every layer
+    memory_segments: int = 2  # calls a carried (recurrent) state keeps its gradient graph for, then detached
+    recurrent_cell: str = "minlstm"  # recurrent layers: "minlstm" / "mingru" (parallel scan) or the seed's "gated"
+    recurrent_train: str = "exact"  # "gated" cell: "exact" step by step (BPTT) or "lct" (Lagged Cache Training)
+    lct_passes: int = 2  # LCT: cached-context passes per training step, only the last with gradient
 
     def __post_init__(self):
         def check(ok, message):
             if not ok:
                 raise ValueError(message)
 
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_experts", "moe_top_k"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_experts", "moe_top_k",
+                     "memory_segments", "lct_passes"):
             check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be a positive integer")
         check(self.n_embd % self.n_head == 0,
               f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: pick n_embd a multiple of n_head")
@@ -68,9 +76,10 @@ class ModelConfig:
         check(self.ffn_hidden is None or self.ffn_hidden >= 1, f"ffn_hidden={self.ffn_hidden} must be positive or None")
         check(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
         for name, allowed in (("norm", NORMS), ("mlp", FFN_KINDS), ("pos", POSITIONS),
-                              ("attn_impl", ATTN_IMPLS), ("attn_scale", ATTN_SCALES)):
+                              ("attn_impl", ATTN_IMPLS), ("attn_scale", ATTN_SCALES),
+                              ("recurrent_cell", RECURRENT_CELLS), ("recurrent_train", RECURRENT_TRAINS)):
             check(getattr(self, name) in allowed, f"unknown {name} {getattr(self, name)!r}: choose from {allowed}")
-        check(self.pos == "learned" or self.head_dim % 2 == 0,
+        check(self.pos != "rope" or self.head_dim % 2 == 0,
               f"RoPE rotates channel pairs: head_dim = n_embd/n_head = {self.head_dim} must be even")
         check(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be positive")
         parse_rope_scaling(self.rope_scaling)  # raises ValueError with the accepted forms
@@ -78,6 +87,15 @@ class ModelConfig:
         check(self.moe_top_k <= self.n_experts,
               f"moe_top_k={self.moe_top_k} exceeds n_experts={self.n_experts}: lower it or add experts")
         check(self.moe_aux_weight >= 0, f"moe_aux_weight={self.moe_aux_weight} must be >= 0")
+        kinds = self.layer_kinds
+        check(len(kinds) == self.n_layer and set(kinds) <= set(LAYER_KINDS),
+              f"layers={self.layers!r} must name 1 or {self.n_layer} kinds (n_layer), each one of {LAYER_KINDS}")
+
+    @property
+    def layer_kinds(self):
+        """The token mixer of each layer: ("attn",) * n_layer unless `layers` names them (one name: all)."""
+        kinds = ("attn",) if self.layers is None else tuple(k.strip() for k in self.layers.split(","))
+        return kinds * self.n_layer if len(kinds) == 1 else kinds
 
     @property
     def kv_heads(self):
@@ -110,6 +128,10 @@ PRESETS = {
     # 96 or 192), 16 × 48 top-4, 8 × 192, a shared always-on expert.
     "moe": ModelConfig(block_size=128, n_layer=4, n_head=4, n_kv_head=2, n_embd=128, norm="rmsnorm", mlp="moe",
                        pos="rope", ffn_hidden=96, n_experts=8, moe_top_k=2, moe_aux_weight=0.03),
+    # Seed 003's fixed-memory model: every layer a minLSTM recurrence (no attention, no KV cache, no positions:
+    # the recurrence itself knows the order), llama's other parts and size.
+    "recurrent": ModelConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, norm="rmsnorm", mlp="swiglu",
+                             pos="none", layers="recurrent"),
 }
 
 
@@ -124,7 +146,7 @@ class Transformer(nn.Module):
         self.loss_terms = None
         position_table = config.block_size if config.pos == "learned" else None  # RoPE needs no table
         self.embed = Embeddings(config.vocab_size, config.n_embd, position_table)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, kind) for kind in config.layer_kinds)
         self.norm = make_norm(config.norm, config.n_embd, config.bias)
         self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
@@ -141,6 +163,12 @@ class Transformer(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def reset_memory(self, rows=None):
+        """Forget the carried state of every stateful layer (of the rows where `rows` (B,) bool is True)."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_memory"):
+                module.reset_memory(rows)
 
     def num_params(self):
         """Parameters, each counted once (a tied matrix is one matrix)."""
@@ -223,7 +251,7 @@ def _demo():
     torch.manual_seed(0)
     for name, preset in PRESETS.items():
         model = Transformer(preset)
-        print(f"{name:6s} {model.num_params():>9,} params  {preset.norm}, {preset.mlp}, {preset.pos} positions, "
+        print(f"{name:9s} {model.num_params():>9,} params  {preset.norm}, {preset.mlp}, {preset.pos} positions, "
               f"{preset.n_layer} layers × {preset.n_embd} channels, context {preset.block_size}")
     model = Transformer(dataclasses.replace(PRESETS["moe"], block_size=32, n_embd=64))
     idx = torch.randint(65, (2, 32))
