@@ -90,6 +90,23 @@ def attractor_stats(contexts, warn=True):
     return {"l2": l2, "cosine": cosine, "collapsed": collapsed}
 
 
+@torch.no_grad()
+def model_attractor_stats(model, prefix, tokens, warn=True):
+    """attractor_stats of every recurrent layer of a language model: {layer name: stats}.
+
+    prefix (T,) ids read first, then each of the N different `tokens` (N,) after it, one
+    sequence a row; a layer's context after the last token is what is compared. The
+    carried state is reset before and after, so the check leaves no state behind.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, Recurrent)}
+    rows = torch.cat([prefix.expand(len(tokens), -1), tokens[:, None]], dim=1)  # (N, T + 1)
+    model.reset_memory()
+    model(rows.to(next(model.parameters()).device))
+    stats = {name: attractor_stats(m.memory["c"].float().cpu(), warn) for name, m in layers.items()}
+    model.reset_memory()
+    return stats
+
+
 class Recurrent(nn.Module):
     """A recurrent token mixer: (B, T, C) -> (B, T, C), one context of C channels per sequence.
 
