@@ -8,7 +8,7 @@ import torch
 
 import train
 from checkpoint import load_run
-from recurrent import Recurrent, attractor_stats
+from recurrent import Recurrent, attractor_stats, model_attractor_stats
 from sample import generate
 from transformer import PRESETS, ModelConfig, Transformer
 
@@ -188,3 +188,13 @@ def test_recurrent_preset_trains_and_generates(tmp_path, monkeypatch, extra):
     model.reset_memory()
     out = generate(model, ids, 10, generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, ids.shape[1] + 10) and torch.equal(out[:, :ids.shape[1]], ids)
+
+
+def test_model_attractor_stats_checks_every_recurrent_layer_and_leaves_no_state():
+    torch.manual_seed(7)
+    model = Transformer(ModelConfig(vocab_size=11, n_layer=3, n_embd=16, layers="recurrent,attn,recurrent")).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stats = model_attractor_stats(model, torch.zeros(6, dtype=torch.long), torch.arange(1, 6))
+    assert set(stats) == {"blocks.0.attn", "blocks.2.attn"} and not any(s["collapsed"] for s in stats.values())
+    assert all(m.memory is None for m in model.modules() if isinstance(m, Recurrent))
