@@ -73,9 +73,11 @@ def log_scan(log_a, log_b, h0=None):
 def attractor_stats(contexts, warn=True):
     """Mean pairwise L2 distance and cosine similarity of N contexts (N, C) -> dict.
 
-    Contexts after *different* tokens that sit closer than COLLAPSE_L2 or point the
+    Contexts after *different* tokens that sit closer than COLLAPSE_L2 and point the
     same way beyond COLLAPSE_COSINE mean the updater forgets its input: a global
-    attractor. With warn=True that case also raises a RuntimeWarning.
+    attractor. Both symptoms, not either: minGRU/minLSTM contexts are positive
+    (g > 0), so their cosine runs near 1 while they still lie far apart. With
+    warn=True a collapse also raises a RuntimeWarning.
     """
     pairs = list(itertools.combinations(range(contexts.shape[0]), 2))
     if not pairs:
@@ -83,7 +85,7 @@ def attractor_stats(contexts, warn=True):
     i, j = (torch.tensor(p) for p in zip(*pairs))
     l2 = (contexts[i] - contexts[j]).norm(dim=-1).mean().item()
     cosine = F.cosine_similarity(contexts[i], contexts[j], dim=-1).mean().item()
-    collapsed = l2 < COLLAPSE_L2 or cosine > COLLAPSE_COSINE
+    collapsed = l2 < COLLAPSE_L2 and cosine > COLLAPSE_COSINE
     if collapsed and warn:
         warnings.warn(f"contexts collapse onto one attractor (mean L2 {l2:.2e}, cosine {cosine:.4f}): "
                       "the updater forgets its input; use a gated updater", RuntimeWarning, stacklevel=2)

@@ -116,7 +116,7 @@ def test_attractor_check_flags_a_collapsing_overwrite_updater_only():
         collapsed.append(c)
     with pytest.warns(RuntimeWarning, match="attractor"):
         stats = attractor_stats(torch.stack(collapsed))
-    assert stats["collapsed"] and stats["l2"] < 1e-3
+    assert stats["collapsed"] and stats["l2"] < 1e-3 and stats["cosine"] > 0.999
     layer = Recurrent(C, "gated").eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")  # a healthy updater raises no warning
