@@ -134,8 +134,8 @@ def generate_child(name, n):
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "out.json")
         subprocess.run([sys.executable, "-c", PEAK_RSS_LAUNCHER, f"{tmp}/rss.json", sys.executable, "-c", GENERATE,
-                        name, str(n), str(out)], check=True, stdout=subprocess.DEVNULL, cwd=Path(__file__).resolve().parent,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        name, str(n), str(out)], check=True, stdout=subprocess.DEVNULL,
+                       cwd=Path(__file__).resolve().parent, env={**os.environ, "OMP_NUM_THREADS": "1"})
         r = json.loads(out.read_text())
         return r["tok_s"], r["state_bytes"], json.loads(Path(tmp, "rss.json").read_text())["rss_mb"]
 

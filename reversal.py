@@ -225,7 +225,8 @@ def evaluate_reversal(model, tok, facts):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     make = sub.add_parser("make", help="write a synthetic fact set")
     make.add_argument("--out", required=True, help="folder for train.txt, forward.jsonl, backward.jsonl")
