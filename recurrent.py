@@ -146,14 +146,14 @@ class Recurrent(nn.Module):
         self.memory, self.segments = ({k: v.clone() for k, v in state.items()} or None), 0
 
     def start_context(self, x):
-        """The carried context (B, C) for a batch x (B, T, C), zeros when fresh."""
+        """The carried context (B, C) for a batch x (B, T, C), zeros when fresh; float32 even under autocast."""
         if self.memory is None:
-            return x.new_zeros(x.shape[0], x.shape[2])
+            return x.new_zeros(x.shape[0], x.shape[2], dtype=torch.float32)
         c = self.memory["c"]
         if c.shape != (x.shape[0], x.shape[2]):
             raise ValueError(f"the carried context holds {tuple(c.shape)} (rows, channels), the input "
                              f"{x.shape[0]} rows of {x.shape[2]}: call reset_memory() before a new batch")
-        return c.to(x.dtype)
+        return c
 
     def log_coefficients(self, x):
         """minGRU / minLSTM as h_t = a_t ⊙ h_{t−1} + b_t: log a, log b, each (B, T, C), from x (B, T, C)."""
@@ -197,7 +197,8 @@ class Recurrent(nn.Module):
     def contexts(self, x, c0):
         """The context after every position: x (B, T, C), c0 (B, C) -> (B, T, C)."""
         if self.cell != "gated":
-            return log_scan(*self.log_coefficients(x), c0)
+            log_a, log_b = self.log_coefficients(x)
+            return log_scan(log_a.float(), log_b.float(), c0)  # bfloat16 would round the cumulative sums
         pre = self.in_proj(x)  # (B, T, C) -> (B, T, 3C), every position's x-part at once
         if self.training and self.train_mode == "lct":
             return self.gated_lct(pre, c0, self.lct_passes)
@@ -211,7 +212,7 @@ class Recurrent(nn.Module):
         if not torch.is_grad_enabled() or self.segments >= self.memory_segments:
             end, self.segments = end.detach(), 0  # the gradient horizon: at most memory_segments calls back
         self.memory = {"c": end}
-        return self.out_proj(c)
+        return self.out_proj(c.to(x.dtype))
 
 
 def _demo():
