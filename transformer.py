@@ -46,7 +46,7 @@ class ModelConfig:
     bias: bool = False  # biases in Linear layers and LayerNorm (GPT-2 had them)
     norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
     mlp: str = "gelu"  # feed-forward: "gelu" (GPT-2), "swiglu" (Llama) or "moe" (experts of SwiGLU)
-    pos: str = "learned"  # positions: "learned" table (GPT-2) or "rope" rotations (Llama)
+    pos: str = "learned"  # positions: "learned" table (GPT-2), "rope" rotations (Llama) or "none" (recurrent)
     rope_theta: float = 10000.0  # RoPE base: the slowest pair turns once per ~2π·theta positions
     rope_scaling: str | None = None  # RoPE context stretch: None, "linear:S" or "ntk:S" (S ≥ 1)
     tie_weights: bool = True  # the output head shares the token embedding matrix
