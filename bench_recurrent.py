@@ -158,7 +158,7 @@ BENCHES["state"] = bench_state
 
 def bench_reversal(steps=1500, seed=1337, langs=("en", "ja"), presets=("llama", "recurrent")):
     """The reversal curse: small llama and recurrent runs on the same fact set, English and Japanese."""
-    print(f"{steps} steps of batch 16 × 64 characters on train.txt alone (char tokenizer), one thread, seed {seed}; "
+    print(f"{steps} steps of batch 16 × 96 characters on train.txt alone (char tokenizer), one thread, seed {seed}; "
           f"completion-only loss in nats/char; {load()} at the start\n")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -171,7 +171,7 @@ def bench_reversal(steps=1500, seed=1337, langs=("en", "ja"), presets=("llama", 
                 torch.set_num_threads(1)
                 with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
                     t0 = time.perf_counter()
-                    train_and_score(["--data", str(facts / "train.txt"), *recipe, "--block-size", "64",
+                    train_and_score(["--data", str(facts / "train.txt"), *recipe, "--block-size", "96",
                                      "--steps", str(steps), "--seed", str(seed), "--eval-interval", "100000",
                                      "--eval-iters", "5"], run)
                     wall = time.perf_counter() - t0
