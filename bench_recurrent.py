@@ -88,8 +88,9 @@ BENCHES["equal-time"] = bench_equal_time
 def bench_lct(budget=60.0, seed=1337, steps=20, passes=(1, 2, 4, 8)):
     """LCT against exact training of the seed's updater: time per step and held-out loss at equal time."""
     gated = [*RECURRENT, "--recurrent-cell", "gated"]
-    ways = {"exact": [*gated, "--recurrent-train", "exact"],
-            **{f"lct, {p} pass" + "es" * (p > 1): [*gated, "--recurrent-train", "lct", "--lct-passes", str(p)] for p in passes}}
+    ways = {"exact": [*gated, "--recurrent-train", "exact"]}
+    for p in passes:
+        ways[f"lct, {p} pass" + "es" * (p > 1)] = [*gated, "--recurrent-train", "lct", "--lct-passes", str(p)]
     print(f"recurrent preset with the gated cell; ms/step over {steps} steps; loss after {budget:.0f} s; "
           f"one thread; seed {seed}; {load()} at the start\n")
     rows, exact_ms = [], None
