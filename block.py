@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from attention import MultiHeadAttention
 from components import MLP, MoE, RotaryEmbedding, SwiGLU, make_norm
 from memory import InfiniAttention
+from recurrent import Recurrent
 
 FFN_KINDS = ("gelu", "swiglu", "moe")
 LAYER_KINDS = ("attn", "infini", "recurrent")  # the token mixers a block can hold (ModelConfig.layers)
@@ -39,7 +40,11 @@ def make_ffn(cfg):
 
 def make_mixer(cfg, kind="attn"):
     """The token-mixing sub-layer of a block: "attn" -> MultiHeadAttention, "infini" -> InfiniAttention
-    (attention plus a memory of earlier segments, memory.py). Each maps (B, T, C) -> (B, T, C)."""
+    (attention plus a memory of earlier segments, memory.py), "recurrent" -> Recurrent (a fixed-size state
+    instead of attention, recurrent.py). Each maps (B, T, C) -> (B, T, C)."""
+    if kind == "recurrent":
+        return Recurrent(cfg.n_embd, cfg.recurrent_cell, cfg.recurrent_train, cfg.lct_passes, cfg.memory_segments,
+                         cfg.bias)
     rotary = None
     if cfg.pos == "rope":
         rotary = RotaryEmbedding(cfg.n_embd // cfg.n_head, cfg.rope_theta, cfg.rope_scaling, max_len=cfg.block_size)
@@ -57,8 +62,8 @@ class Block(nn.Module):
 
     cfg is a transformer.ModelConfig (any object with its fields: n_embd, n_head,
     n_kv_head, block_size, bias, dropout, norm, mlp, pos, rope_theta, rope_scaling,
-    attn_impl, attn_scale, ffn_hidden, n_experts, moe_top_k; memory_* for an "infini" kind).
-    `kind` names the token mixer held as `attn` (make_mixer).
+    attn_impl, attn_scale, ffn_hidden, n_experts, moe_top_k; memory_* for an "infini" kind; recurrent_cell,
+    recurrent_train, lct_passes, memory_segments for a "recurrent" kind). `kind` picks the token mixer (make_mixer).
     forward(x (B, T, C), cache, layer) -> (x (B, T, C), aux) where aux is the MoE
     load-balancing loss (a scalar tensor) or None for a dense feed-forward.
     """
@@ -66,7 +71,7 @@ class Block(nn.Module):
     def __init__(self, cfg, kind="attn"):
         super().__init__()
         self.attn_norm = make_norm(cfg.norm, cfg.n_embd, cfg.bias)
-        self.attn = make_mixer(cfg, kind)
+        self.attn = make_mixer(cfg, kind)  # named attn whatever its kind: the parameter names stay put
         self.ffn_norm = make_norm(cfg.norm, cfg.n_embd, cfg.bias)
         self.ffn = make_ffn(cfg)
         self.dropout = cfg.dropout  # on each sub-layer's output, before it joins the stream

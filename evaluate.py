@@ -78,6 +78,7 @@ def score(model, ids, block_size, stride=None, batch_size=32, device="cpu"):
         target_index = chunk[:, :1] + 1 + offsets[:-1]  # (b, T) index of each target in ids
         y[target_index <= chunk[:, 2:3]] = -1  # already scored by an earlier window
         n = int((y >= 0).sum())
+        getattr(model, "reset_memory", lambda: None)()  # every window starts afresh, as it would without memory
         _, loss = model(x.to(device), y.to(device))
         total += loss.item() * n
         count += n

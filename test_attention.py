@@ -116,6 +116,7 @@ def test_causality(name):
     for t in (0, 6, 14):
         changed = idx.clone()
         changed[:, t + 1:] = torch.randint(VOCAB, (2, 15 - t))
+        model.reset_memory()  # a new text: a stateful layer (recurrent preset) starts afresh
         torch.testing.assert_close(model(changed)[0][:, :t + 1], logits[:, :t + 1], rtol=0, atol=1e-6)
 
 
@@ -134,11 +135,13 @@ def test_kv_cache_equals_full_recomputation(name):
     idx = torch.randint(VOCAB, (2, 16))
     full, _ = model(idx)
     with torch.no_grad():
+        model.reset_memory()  # each pass below reads the text anew
         cache = model.new_kv_cache(batch_size=2)
         steps = [model(idx[:, :5], cache=cache)[0]]  # prefill, then one token at a time
         steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(5, 16)]
         assert cache.length == 16
         assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-5
+        model.reset_memory()
         cache = model.new_kv_cache(batch_size=2)
         bounds = [0, 3, 4, 9, 16]  # chunks of 3, 1, 5 and 7 positions
         chunks = [model(idx[:, a:b], cache=cache)[0] for a, b in zip(bounds, bounds[1:])]

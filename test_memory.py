@@ -23,7 +23,7 @@ from training_loop import TrainConfig, make_optimizer, train_loop
 from transformer import PRESETS, ModelConfig, Transformer
 
 ROOT = Path(__file__).resolve().parent
-TESTED_KINDS = ("attn", "infini")  # "recurrent" joins here when recurrent.py lands (block.make_mixer)
+TESTED_KINDS = ("attn", "infini", "recurrent")
 
 
 def tiny(**overrides):

@@ -25,9 +25,10 @@ from bigram_lm import next_token_loss
 from block import FFN_KINDS, LAYER_KINDS, Block
 from memory import UPDATE_RULES
 from components import Embeddings, MoE, expert_counts, load_balancing_loss, make_norm, parse_rope_scaling
+from recurrent import RECURRENT_CELLS, RECURRENT_TRAINS
 
 NORMS = ("layernorm", "rmsnorm")
-POSITIONS = ("learned", "rope")
+POSITIONS = ("learned", "rope", "none")  # "none": a recurrent model reads order from its recurrence
 
 
 @dataclass
@@ -45,7 +46,7 @@ class ModelConfig:
     bias: bool = False  # biases in Linear layers and LayerNorm (GPT-2 had them)
     norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
     mlp: str = "gelu"  # feed-forward: "gelu" (GPT-2), "swiglu" (Llama) or "moe" (experts of SwiGLU)
-    pos: str = "learned"  # positions: "learned" table (GPT-2) or "rope" rotations (Llama)
+    pos: str = "learned"  # positions: "learned" table (GPT-2), "rope" rotations (Llama) or "none" (recurrent)
     rope_theta: float = 10000.0  # RoPE base: the slowest pair turns once per ~2π·theta positions
     rope_scaling: str | None = None  # RoPE context stretch: None, "linear:S" or "ntk:S" (S ≥ 1)
     tie_weights: bool = True  # the output head shares the token embedding matrix
@@ -54,17 +55,21 @@ class ModelConfig:
     n_experts: int = 4  # experts per MoE layer (mlp="moe")
     moe_top_k: int = 2  # experts each token is sent to (mlp="moe")
     moe_aux_weight: float = 0.01  # weight of the MoE load-balancing loss added while training
-    layers: str | None = None  # kind of each layer, comma-separated: attn, infini, recurrent (None: all attn)
-    memory_segments: int = 2  # segments a memory's gradient flows through before it is detached
+    layers: str | None = None  # kind of each layer, comma-separated: attn, infini, recurrent; one kind: every layer
+    memory_segments: int = 2  # segments (calls) a carried memory or state keeps its gradient through, then detached
     memory_banks: int = 1  # memories per infini layer, written in turn, read by relevance (multi-memory)
     memory_update: str = "delta"  # infini memory write rule: "linear" (M += σ(K)ᵀV) or "delta"
+    recurrent_cell: str = "minlstm"  # recurrent layers: "minlstm" / "mingru" (parallel scan) or the seed's "gated"
+    recurrent_train: str = "exact"  # "gated" cell: "exact" step by step (BPTT) or "lct" (Lagged Cache Training)
+    lct_passes: int = 2  # LCT: cached-context passes per training step, only the last with gradient
 
     def __post_init__(self):
         def check(ok, message):
             if not ok:
                 raise ValueError(message)
 
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_experts", "moe_top_k"):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "n_experts", "moe_top_k",
+                     "memory_segments", "lct_passes"):
             check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be a positive integer")
         check(self.n_embd % self.n_head == 0,
               f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: pick n_embd a multiple of n_head")
@@ -73,9 +78,10 @@ class ModelConfig:
         check(self.ffn_hidden is None or self.ffn_hidden >= 1, f"ffn_hidden={self.ffn_hidden} must be positive or None")
         check(0.0 <= self.dropout < 1.0, f"dropout={self.dropout} must be in [0, 1)")
         for name, allowed in (("norm", NORMS), ("mlp", FFN_KINDS), ("pos", POSITIONS),
-                              ("attn_impl", ATTN_IMPLS), ("attn_scale", ATTN_SCALES)):
+                              ("attn_impl", ATTN_IMPLS), ("attn_scale", ATTN_SCALES),
+                              ("recurrent_cell", RECURRENT_CELLS), ("recurrent_train", RECURRENT_TRAINS)):
             check(getattr(self, name) in allowed, f"unknown {name} {getattr(self, name)!r}: choose from {allowed}")
-        check(self.pos == "learned" or self.head_dim % 2 == 0,
+        check(self.pos != "rope" or self.head_dim % 2 == 0,
               f"RoPE rotates channel pairs: head_dim = n_embd/n_head = {self.head_dim} must be even")
         check(self.rope_theta > 0, f"rope_theta={self.rope_theta} must be positive")
         parse_rope_scaling(self.rope_scaling)  # raises ValueError with the accepted forms
@@ -85,12 +91,18 @@ class ModelConfig:
         check(self.moe_aux_weight >= 0, f"moe_aux_weight={self.moe_aux_weight} must be >= 0")
         kinds = self.layer_kinds
         check(len(kinds) == self.n_layer and set(kinds) <= set(LAYER_KINDS),
-              f"layers={self.layers!r}: give {self.n_layer} kinds (one per layer, n_layer) from {LAYER_KINDS}, "
-              f"comma-separated, e.g. {','.join(['infini'] + ['attn'] * (self.n_layer - 1))}")
+              f"layers={self.layers!r}: give one kind for every layer or {self.n_layer} (n_layer) from "
+              f"{LAYER_KINDS}, comma-separated, e.g. {','.join(['infini'] + ['attn'] * (self.n_layer - 1))}")
         check(self.memory_segments >= 1 and self.memory_banks >= 1,
               f"memory_segments={self.memory_segments} and memory_banks={self.memory_banks} must be at least 1")
         check(self.memory_update in UPDATE_RULES, f"unknown memory_update {self.memory_update!r}: "
               f"choose from {UPDATE_RULES}")
+
+    @property
+    def layer_kinds(self):
+        """The token mixer of each layer: ("attn",) * n_layer unless `layers` names them (one name: all)."""
+        kinds = ("attn",) if self.layers is None else tuple(k.strip() for k in self.layers.split(","))
+        return kinds * self.n_layer if len(kinds) == 1 else kinds
 
     @property
     def kv_heads(self):
@@ -100,11 +112,6 @@ class ModelConfig:
     @property
     def head_dim(self):
         return self.n_embd // self.n_head
-
-    @property
-    def layer_kinds(self):
-        """The kind of each layer: layers="infini,attn" -> ("infini", "attn"); None -> all "attn"."""
-        return tuple(k.strip() for k in self.layers.split(",")) if self.layers else ("attn",) * self.n_layer
 
 
 PRESETS = {
@@ -132,6 +139,10 @@ PRESETS = {
     # the layers above it read the memory's summary of earlier segments through the residual stream.
     "infini": ModelConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, norm="rmsnorm", mlp="swiglu",
                           pos="rope", layers="infini,attn,attn,attn"),
+    # Seed 003's fixed-memory model: every layer a minLSTM recurrence (no attention, no KV cache, no positions:
+    # the recurrence itself knows the order), llama's other parts and size.
+    "recurrent": ModelConfig(block_size=128, n_layer=4, n_head=4, n_embd=128, norm="rmsnorm", mlp="swiglu",
+                             pos="none", layers="recurrent"),
 }
 
 
@@ -285,7 +296,7 @@ def _demo():
     torch.manual_seed(0)
     for name, preset in PRESETS.items():
         model = Transformer(preset)
-        print(f"{name:6s} {model.num_params():>9,} params  {preset.norm}, {preset.mlp}, {preset.pos} positions, "
+        print(f"{name:9s} {model.num_params():>9,} params  {preset.norm}, {preset.mlp}, {preset.pos} positions, "
               f"{preset.n_layer} layers × {preset.n_embd} channels, context {preset.block_size}")
     model = Transformer(dataclasses.replace(PRESETS["moe"], block_size=32, n_embd=64))
     idx = torch.randint(65, (2, 32))
