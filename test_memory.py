@@ -338,10 +338,11 @@ def test_documents_training_resumes_exactly(tmp_path, monkeypatch, ctrl_c_at_bat
 
 
 def test_config_checks_layers():
-    with pytest.raises(ValueError, match="give 2 kinds"):
-        ModelConfig(n_layer=2, layers="infini")
-    with pytest.raises(ValueError, match="give 2 kinds"):
+    with pytest.raises(ValueError, match="give one kind for every layer or 2"):
+        ModelConfig(n_layer=2, layers="infini,attn,attn")
+    with pytest.raises(ValueError, match="give one kind for every layer or 2"):
         ModelConfig(n_layer=2, layers="infini,lstm")
+    assert ModelConfig(n_layer=2, layers="infini").layer_kinds == ("infini", "infini")
     assert ModelConfig(n_layer=2, layers="infini, attn").layer_kinds == ("infini", "attn")
     assert ModelConfig(n_layer=3).layer_kinds == ("attn",) * 3
 
