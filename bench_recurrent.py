@@ -137,8 +137,8 @@ def generate_child(name, n):
         subprocess.run([sys.executable, "-c", PEAK_RSS_LAUNCHER, f"{tmp}/rss.json", sys.executable, "-c", GENERATE,
                         name, str(n), str(out)], check=True, stdout=subprocess.DEVNULL,
                        cwd=Path(__file__).resolve().parent, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        r = json.loads(out.read_text())
-        return r["tok_s"], r["state_bytes"], json.loads(Path(tmp, "rss.json").read_text())["rss_mb"]
+        r = json.loads(out.read_text(encoding="utf-8"))
+        return r["tok_s"], r["state_bytes"], json.loads(Path(tmp, "rss.json").read_text(encoding="utf-8"))["rss_mb"]
 
 
 def bench_state(lengths=(1_000, 10_000, 100_000), llama_lengths=(1_000, 10_000)):

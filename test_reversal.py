@@ -89,7 +89,7 @@ def test_eval_writes_reversal_json(tmp_path, monkeypatch, capsys):
     train.run(["--preset", "recurrent", "--data", "facts/train.txt", "--out", "run", "--block-size", "80",
                "--batch-size", "4", "--n-layer", "1", "--n-embd", "16", "--steps", "3", "--eval-iters", "1"])
     printed = reversal.main(["eval", "run", "--facts", "facts"])
-    saved = json.loads((tmp_path / "run" / "reversal.json").read_text())
+    saved = json.loads((tmp_path / "run" / "reversal.json").read_text(encoding="utf-8"))
     assert saved == json.loads(json.dumps(printed))
     assert saved["gap"] == pytest.approx(saved["backward"]["loss"] - saved["forward"]["loss"])
     assert saved["chance"] == {"description": 1 / 15, "name": 1 / 15}
@@ -98,7 +98,7 @@ def test_eval_writes_reversal_json(tmp_path, monkeypatch, capsys):
         assert r["items"] == 3 * 5 * reversal.HELD_OUT and r["perplexity"] == pytest.approx(math.exp(r["loss"]))
         assert 0 <= r["rank_accuracy"] <= 1 and set(r["rank_accuracy_by_group"]) == set(reversal.GROUPS)
     assert "reversal gap" in capsys.readouterr().out
-    (tmp_path / "facts" / "backward.jsonl").write_text('{"prompt": "x"}\n')
+    (tmp_path / "facts" / "backward.jsonl").write_text('{"prompt": "x"}\n', encoding="utf-8")
     with pytest.raises(SystemExit) as e:
         reversal.main(["eval", "run", "--facts", "facts"])
     assert e.value.code == 2 and "backward.jsonl:1 is not a fact item" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import checkpoint
+import sample
 import train
 from checkpoint import load_run
 
@@ -40,23 +41,27 @@ def corpus(tmp_path):
     return path
 
 
-def test_bad_inputs_exit_2_with_one_line(tmp_path):
+def test_bad_inputs_exit_2_with_one_line(tmp_path, monkeypatch, capsys):
     (tmp_path / "empty.txt").write_text("", encoding="utf-8")
     (tmp_path / "sjis.txt").write_bytes("こんにちは".encode("shift_jis"))
     (tmp_path / "short.txt").write_text("abc " * 20, encoding="utf-8")
-    train_py, sample_py = str(ROOT / "train.py"), str(ROOT / "sample.py")
+    # one case as its own process (the real exit status), the others in this one (a process each costs seconds)
+    assert "not UTF-8" in one_clean_line(cli(str(ROOT / "train.py"), "--data", "sjis.txt", cwd=tmp_path))
+    monkeypatch.chdir(tmp_path)
     cases = [
-        ([train_py, "--data", "missing.txt"], "not found"),
-        ([train_py, "--data", "empty.txt"], "empty"),
-        ([train_py, "--data", "sjis.txt"], "not UTF-8"),
-        ([train_py, "--data", "short.txt", "--block-size", "64"], "fewer than one block"),
-        ([train_py, "--preset", "nope"], "unknown preset"),
-        ([sample_py, "--model-checkpoint", "out/none"], "not a run directory"),
-        ([sample_py, "--temperature", "-1"], "temperature"),
-        ([sample_py, "--top-p", "0"], "top-p"),
+        (train.main, ["--data", "missing.txt"], "not found"),
+        (train.main, ["--data", "empty.txt"], "empty"),
+        (train.main, ["--data", "short.txt", "--block-size", "64"], "fewer than one block"),
+        (train.main, ["--preset", "nope"], "unknown preset"),
+        (sample.main, ["--model-checkpoint", "out/none"], "not a run directory"),
+        (sample.main, ["--temperature", "-1"], "temperature"),
+        (sample.main, ["--top-p", "0"], "top-p"),
     ]
-    for args, message in cases:
-        assert message in one_clean_line(cli(*args, cwd=tmp_path)), args
+    for main, args, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        stderr = capsys.readouterr().err
+        assert exit_.value.code == 2 and len(stderr.strip().splitlines()) == 1 and message in stderr, (args, stderr)
 
 
 def run_train(tmp_path, *extra):
