@@ -170,7 +170,7 @@ def bench_hardware(steps=50):
     """Each preset: time per 1,000 steps and peak memory here (1 and 2 threads), and estimated on T4, L4, A100."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for preset in PRESETS:
+        for preset in REFERENCE_TOKENS:  # the presets with a reference batch and rate
             batch, lr = REFERENCE_TOKENS[preset] // PRESETS[preset].block_size, PRESET_LR[preset]
             for threads, cores in ((1, "0"), (2, "0,1")):
                 flags = ["--preset", preset, "--batch-size", str(batch), "--lr", str(lr), "--min-lr", str(lr / 10),
@@ -186,7 +186,7 @@ def bench_hardware(steps=50):
                              f"{seconds:.0f} s", f"{gb:.1f} GB"])
     print(f"CPU rows: {steps}-step runs at each preset's reference batch and rate, scaled to 1,000 steps, training "
           "time only; "
-          "peak RSS of the whole process; measured while other jobs shared the machine. GPU rows: estimates, "
+          f"peak RSS of the whole process; load average {os.getloadavg()[0]:.1f} at the end. GPU rows: estimates, "
           f"not measured: {FLOP_UTILISATION:.0%} of the published peak FLOP/s, {BANDWIDTH_UTILISATION:.0%} of the "
           f"memory bandwidth, {SECONDS_PER_OP * 1e6:.0f} µs per operator launched, {CUDA_CONTEXT_MB} MB of CUDA "
           "context\n")
