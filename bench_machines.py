@@ -108,7 +108,7 @@ def bench_estimate(steps=200):
             rows.append([preset, f"{step_s * steps:.1f} s", f"{train_s:.1f} s", f"{step_s * steps / train_s - 1:+.0%}",
                          f"{rss_estimate:,.0f} MB", f"{rss:,.0f} MB", f"{rss_estimate / rss - 1:+.0%}",
                          f"{eval_s:.2f} s"])
-    print(f"{steps} steps, default flags, one thread pinned to core 0; measured while other jobs shared the machine. "
+    print(f"{steps} steps, default flags, one thread pinned to core 0; load average {os.getloadavg()[0]:.1f}. "
           "Training time excludes evaluation (its estimate is the last column, once per --eval-interval)\n")
     print_table(["preset", "estimated training time", "measured", "error", "estimated peak RSS", "measured",
                  "error", "estimated evaluation"], rows)
