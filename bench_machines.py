@@ -79,8 +79,8 @@ def bench_lr_scaling(micro_batches=128, batch=16):
         rows = list(pool.map(run, jobs))
     print(f"llama preset, {micro_batches} micro-batches of {batch} × 128 tokens ({micro_batches * batch * 128:,} "
           f"tokens) for every row, --lr 3e-3 at the reference {REFERENCE_TOKENS['llama']:,} tokens per step, warm-up "
-          "a tenth of the steps; two runs at a time, one thread each pinned to its own core, one seed; measured "
-          "while other jobs shared the machine\n")
+          f"a tenth of the steps; two runs at a time, one thread each pinned to its own core, one seed; load "
+          f"average {os.getloadavg()[0]:.1f} at the end\n")
     print_table(["tokens per step", "--lr-scaling", "steps", "peak lr", "val loss", "wall"], rows)
 
 
