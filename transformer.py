@@ -166,6 +166,9 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("out_proj.weight"):  # the 2·n_layer projections that add into the residual stream
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # the layers that carry state between calls, found once: the loop resets them before every batch
+        self.stateful_paths = tuple(name for name, m in self.named_modules()
+                                    if hasattr(m, "reset_memory") and m is not self)
 
     @staticmethod
     def _init_weights(module):
@@ -239,7 +242,7 @@ class Transformer(nn.Module):
 
     def stateful(self):
         """(module path, module) of each layer that carries state between calls (it has reset_memory)."""
-        return [(name, m) for name, m in self.named_modules() if hasattr(m, "reset_memory") and m is not self]
+        return [(name, self.get_submodule(name)) for name in self.stateful_paths]
 
     @property
     def has_memory(self):
