@@ -152,12 +152,16 @@ class Terminal:
         self.pos = at + len(text)
 
     def wait_exit(self, pid, timeout=30):
-        """The child's exit code, reading its output meanwhile so that it never blocks on a full terminal."""
-        deadline = time.monotonic() + timeout
+        """Type Ctrl-D until the child exits (one typed while readline switches the terminal's mode can be lost)
+        and return its exit code, reading its output meanwhile so that it never blocks on a full terminal."""
+        deadline, typed = time.monotonic() + timeout, 0.0
         while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
             if time.monotonic() > deadline:
                 raise AssertionError(f"the chat did not exit within {timeout}s; got {bytes(self.seen[-300:])!r}")
             try:
+                if time.monotonic() - typed > 1.0:
+                    os.write(self.fd, b"\x04")
+                    typed = time.monotonic()
                 if select.select([self.fd], [], [], 0.1)[0]:
                     self.seen += os.read(self.fd, 4096)
             except OSError:  # the terminal closed as the child exited
@@ -180,7 +184,6 @@ def terminal(command):
     term, status = Terminal(fd), None
     try:
         yield term
-        os.write(fd, b"\x04")
         status = term.wait_exit(pid)
         assert status == 0
     finally:
