@@ -37,13 +37,15 @@ def torchrun(tmp_path, script, args, port):
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, encoding="utf-8")
 
 
-# Muon: its matrices and, through its AdamW half, the rest (one DDP run covers both optimizers' averaging)
-@pytest.mark.parametrize("optimizer,port", [("muon", 29535)])
-def test_two_processes_train_as_one_process_on_both_ranks_batches(tmp_path, monkeypatch, optimizer, port):
-    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200, encoding="utf-8")
+# One DDP run covers, at once: Muon (its matrices and, through its AdamW half, the rest: both optimizers'
+# averaging), a layer with memory (infini) and the documents sampler, whose rows carry that memory from batch to
+# batch and forget it where a document starts: each rank deals itself half of the documents.
+def test_two_processes_train_as_one_process_on_both_ranks_batches(tmp_path, monkeypatch):
+    documents = [f"document {d}: " + "the quick brown fox jumps over the lazy dog. " * (2 + d % 3) for d in range(24)]
+    (tmp_path / "t.txt").write_text("\n\n".join(documents), encoding="utf-8")
     (tmp_path / "each_rank_saves.py").write_text(EACH_RANK_SAVES.format(root=str(ROOT)), encoding="utf-8")
-    flags = [*TINY, "--optimizer", optimizer]
-    ddp = torchrun(tmp_path, tmp_path / "each_rank_saves.py", ["--data", "t.txt", "--out", "ddp", *flags], port)
+    flags = [*TINY, "--optimizer", "muon", "--layers", "infini", "--sampler", "documents"]
+    ddp = torchrun(tmp_path, tmp_path / "each_rank_saves.py", ["--data", "t.txt", "--out", "ddp", *flags], 29535)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     assert "4×1 accum×2 proc = 8 sequences" in ddp.stdout  # the effective batch is printed once, by rank 0
     assert ddp.stdout.count("parameters;") == 1

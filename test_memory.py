@@ -314,6 +314,18 @@ def test_document_starts_and_batches():
         next(document_batches(ids, starts, 8, 7))
 
 
+def test_ranks_read_disjoint_documents_that_cover_the_corpus():
+    text = "\n\n".join(chr(97 + d) * (20 + 7 * d) for d in range(6))  # document d is one letter, repeated
+    tok = CharTokenizer.train(text)
+    ids = np.array(tok.encode(text))
+    read = []
+    for rank in range(2):
+        stream = document_batches(ids, document_starts(ids, tok), 8, 1, seed=3, rank=rank, world=2)
+        read.append({tok.decode(x[0].tolist()).strip("\n")[0] for x, _, _ in (next(stream) for _ in range(40))})
+    assert not read[0] & read[1]  # no document is trained on twice per step
+    assert read[0] | read[1] == set("abcdef")
+
+
 def test_documents_training_resumes_exactly(tmp_path, monkeypatch, ctrl_c_at_batch):
     monkeypatch.chdir(tmp_path)
     import train
