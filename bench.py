@@ -360,9 +360,10 @@ with open(sys.argv[1], "w", encoding="utf-8") as f:
 """
 
 
-def run_child(args, threads=1):
-    """Run a command line in a fresh process with `threads` threads; returns that process's own peak RSS in MB."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def run_child(args, threads=1, env=None):
+    """Run a command line in a fresh process with `threads` threads (and the variables `env` added to its
+    environment); returns that process's own peak RSS in MB."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **(env or {})}
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([sys.executable, "-c", PEAK_RSS_LAUNCHER, f"{tmp}/rss.json", *args], env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -198,26 +198,37 @@ def bench_generate_c(llama2c_run=None, new_tokens=500, batch=8, rounds=3):
 BENCHES["generate-c"] = bench_generate_c
 
 
+BUSY_CORE = "while True: pass"  # a program on the other core: an editor, a browser, another run
+
+
 def bench_threads(steps=60):
-    """Training tokens/s on both cores: 1 thread, 2 threads, 2 DDP processes; gpt and llama recipes."""
+    """Training tokens/s on both cores: 1 thread, 2 threads (spinning or sleeping while they wait), 2 DDP
+    processes; gpt and llama recipes; on an idle machine and with one core kept busy by another program."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for preset in ("gpt", "llama"):
             flags = ["train.py", *PRESET_RECIPES[preset], "--steps", str(steps), "--eval-interval", str(steps),
                      "--eval-iters", "2", "--log-interval", "5"]
-            ways = (("1 process × 1 thread", [sys.executable, *flags], 1),
-                    ("1 process × 2 threads", [sys.executable, *flags], 2),
+            ways = (("1 process × 1 thread", [sys.executable, *flags], 1, "ACTIVE"),
+                    ("1 process × 2 threads, waiting threads spin", [sys.executable, *flags], 2, "ACTIVE"),
+                    ("1 process × 2 threads, waiting threads sleep", [sys.executable, *flags], 2, "PASSIVE"),
                     ("2 DDP processes × 1 thread", [sys.executable, "-m", "torch.distributed.run",
-                                                    "--nproc_per_node=2", *flags], 1))
-            speeds = []
-            for label, command, threads in ways:
-                run_dir = f"{tmp}/{preset}{len(speeds)}"
-                run_child([*command, "--out", run_dir], threads=threads)
-                speeds.append(steady_tokens_per_sec(run_dir))
-                rows.append([preset, label, f"{speeds[-1]:,.0f}", f"{speeds[-1] / speeds[0]:.2f}×"])
-    print(f"{steps} steps each, tokens/s after the first 20 steps; load average {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} cores\n")
-    print_table(["recipe", "how", "training tokens/s", "vs 1 thread"], rows)
+                                                    "--nproc_per_node=2", *flags], 1, "ACTIVE"))
+            for label, command, threads, wait in ways:
+                speeds = []
+                for busy in (False, True):
+                    spinner = subprocess.Popen([sys.executable, "-c", BUSY_CORE]) if busy else None
+                    run_dir = f"{tmp}/{preset}{len(rows)}{busy}"
+                    try:
+                        run_child([*command, "--out", run_dir], threads=threads, env={"OMP_WAIT_POLICY": wait})
+                    finally:
+                        if spinner:
+                            spinner.kill()
+                    speeds.append(steady_tokens_per_sec(run_dir))
+                rows.append([preset, label, *(f"{v:,.0f}" for v in speeds)])
+    print(f"{steps} steps each, tokens/s after the first 20 steps; {os.cpu_count()} cores; load average before the "
+          f"runs {os.getloadavg()[0]:.1f}; OMP_WAIT_POLICY set per row\n")
+    print_table(["recipe", "how", "tokens/s, machine idle", "tokens/s, one core busy"], rows)
 
 
 BENCHES["threads"] = bench_threads

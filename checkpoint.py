@@ -24,11 +24,13 @@ import argparse
 import dataclasses
 import inspect
 import json
+import os
 import pickle
 import random
 import re
 import sys
 import tempfile
+import time
 import types
 import typing
 import zipfile
@@ -99,6 +101,46 @@ def pick_device(name):
     if name not in ("cpu", "cuda", "mps"):
         raise ValueError(f"--device {name!r} is not one of auto, cpu, cuda, mps")
     return name
+
+
+def busy_share(before, after):
+    """The share of the machine's CPU time spent busy between two readings of /proc/stat's first line
+    ("cpu  user nice system idle iowait irq softirq steal ..."): 1 − (idle + iowait) / total, in [0, 1]."""
+    a, b = ([int(v) for v in line.split()[1:9]] for line in (before, after))
+    total = sum(b) - sum(a)
+    return 1 - ((b[3] + b[4]) - (a[3] + a[4])) / total if total > 0 else 0.0
+
+
+def cores_busy(seconds=0.1):
+    """How many cores other programs keep busy right now (Linux's /proc/stat; 0 where it cannot be read)."""
+    try:
+        before = Path("/proc/stat").read_text(encoding="utf-8").split("\n", 1)[0]
+        time.sleep(seconds)
+        after = Path("/proc/stat").read_text(encoding="utf-8").split("\n", 1)[0]
+    except OSError:
+        return 0
+    return round(busy_share(before, after) * (os.cpu_count() or 1))
+
+
+def pick_threads(requested, default, busy):
+    """Intra-op threads of a CPU run: `requested` (--threads N); 0 (auto) is the default, one per core, less
+    the cores other programs keep busy, at least 1. Why: a thread that shares its core with another program
+    holds up every operation, which waits for all threads (bench_speed.py threads: 2 threads next to one busy
+    core trained at a third of one thread's speed; on an idle machine they were 1.5× as fast)."""
+    if requested < 0:
+        raise ValueError(f"--threads {requested}: give a number of threads, or 0 to choose them automatically")
+    return requested or max(1, default - busy)
+
+
+def set_cpu_threads(requested):
+    """Apply --threads to this process; returns a note for the run's header: "2 threads (auto, …)"."""
+    if not requested and "OMP_NUM_THREADS" in os.environ:  # chosen already, by the user or by torchrun
+        return f"{torch.get_num_threads()} threads (OMP_NUM_THREADS)"
+    busy = 0 if requested else cores_busy()
+    threads = pick_threads(requested, torch.get_num_threads(), busy)
+    torch.set_num_threads(threads)
+    return f"{threads} thread{'s' * (threads > 1)}" + ("" if requested else f" (auto: {busy} of "
+                                                                              f"{os.cpu_count()} cores busy)")
 
 
 def first_mismatch(tensors, expected):

@@ -1,5 +1,6 @@
 """Shared test fixtures: the corpora in ../shared/data, skipped when absent."""
 import faulthandler
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ def pytest_configure(config):
         pytest.exit(f"torch is not installed for {sys.executable}: set up the environment with the README's two "
                     f"commands, then run .venv/bin/python -m pytest", returncode=2)
     torch.set_num_threads(1)  # tiny models: a second thread costs more in contention than it gains
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and so in every process a test starts
     from hypothesis import settings
     from hypothesis.configuration import set_hypothesis_home_dir
     from hypothesis.database import DirectoryBasedExampleDatabase

@@ -391,6 +391,7 @@ def test_lr_scaling_scales_both_rates_and_records_them(tmp_path, corpus, monkeyp
     (["--lr-scaling", "sqrt", "--preset", "unmeasured"], "preset unmeasured has no reference batch"),
     (["--lr-scaling", "linear", "--model", "bigram"], "the bigram model has no reference batch"),
     (["--dtype", "float16"], "--dtype float16: autocast on a CPU supports bfloat16 only"),
+    (["--threads", "-1"], "--threads -1: give a number of threads"),
 ])
 def test_a_setting_the_machine_or_preset_cannot_take_exits_2(tmp_path, corpus, monkeypatch, capsys, flags, message):
     monkeypatch.chdir(tmp_path)
@@ -421,3 +422,23 @@ def test_expected_time_counts_the_steps_and_every_evaluation():
     assert train.expected_seconds(cfg, 0.1, 2.0) == pytest.approx(100 + 4 * 2.0)
     cfg = train.TrainConfig(steps=10**12, max_time=60, eval_interval=250)  # a time budget: 600 steps of 0.1 s
     assert train.expected_seconds(cfg, 0.1, 2.0) == pytest.approx(60 + 3 * 2.0)
+
+
+def test_threads_one_per_core_less_the_busy_ones_or_as_asked(tmp_path, corpus, monkeypatch, capsys):
+    # /proc/stat's "cpu" line: user nice system idle iowait irq softirq steal; 50 of 100 ticks idle or waiting
+    assert checkpoint.busy_share("cpu  10 0 5 80 5 0 0 0 0 0", "cpu  40 0 25 120 15 0 0 0 0 0") == pytest.approx(0.5)
+    assert checkpoint.busy_share("cpu  1 2 3 4 5 6 7 8", "cpu  1 2 3 4 5 6 7 8") == 0.0  # no tick between the readings
+    assert [checkpoint.pick_threads(0, 2, busy) for busy in (0, 1, 2)] == [2, 1, 1]
+    assert checkpoint.pick_threads(3, 2, 2) == 3  # asked for: as asked, whatever the load
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(checkpoint, "cores_busy", lambda: 1)
+    chosen = []
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for flags in ([], ["--threads", "2"]):
+        train.run(["--data", str(corpus), "--out", f"run{len(chosen)}", "--block-size", "16", "--n-layer", "1",
+                   "--n-head", "2", "--n-embd", "16", "--steps", "1", "--eval-iters", "1", *flags])
+    assert chosen == [1, 2]
+    out = capsys.readouterr().out
+    assert f"1 thread (auto: 1 of {os.cpu_count()} cores busy)" in out and "cpu, float32, 2 threads;" in out

@@ -82,6 +82,8 @@ def build_parser(suppress=False):
     run.add_argument("--sampler", choices=["random", "epoch", "documents"], default=s("random"),
                      help="random-offset blocks (fast), shuffled epochs of whole blocks through a DataLoader, or "
                      "documents: each batch row reads its document on, for a memory (default: %(default)s)")
+    run.add_argument("--threads", type=int, default=s(0), help="CPU threads per process; 0: one per core less "
+                     "the cores other programs keep busy at the start (default: %(default)s)")
     run.add_argument("--workers", type=int, default=s(None), help="processes that tokenize the data, and "
                      "DataLoader workers for --sampler epoch (default: CPU count − 1, at most 4)")
     run.add_argument("--resume", default=s(None), metavar="DIR", help="continue the run in DIR")
@@ -307,6 +309,7 @@ def run(argv=None):
     args = resolve_args(argv)
     device, rank, world = setup_distributed(ckpt.pick_device(args["device"]))
     is_main, device_type = rank == 0, device.split(":")[0]
+    threads = ckpt.set_cpu_threads(args["threads"]) if device_type == "cpu" else None
     tcfg = TrainConfig(**{f.name: args[f.name] for f in dataclasses.fields(TrainConfig)})
     tcfg.dtype, use_compile = choose_precision(device_type, *device_capabilities(device_type), tcfg.dtype,
                                                args["compile"])
@@ -353,7 +356,8 @@ def run(argv=None):
         unused = {"vocab_size"} if args["tokenizer"] == "char" else set()  # the char vocabulary is the text's
         print("config:", {k: v for k, v in args.items() if v is not None and k not in unused})
         print(f"{args['model']} model: {sum(p.numel() for p in model.parameters()):,} parameters; "
-              f"vocab {tok.vocab_size}; {len(train_ids):,} train tokens; device {device}, {tcfg.dtype}; "
+              f"vocab {tok.vocab_size}; {len(train_ids):,} train tokens; device {device}, {tcfg.dtype}"
+              + (f", {threads}" if threads else "") + "; "
               f"batch {tcfg.batch_size}×{tcfg.grad_accum} accum×{world} proc = "
               f"{tcfg.batch_size * tcfg.grad_accum * world} sequences of {block_size}"
               + (f"; resuming at step {state.step} of {tcfg.steps}" if args["resume"] else ""))
