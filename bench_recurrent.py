@@ -4,19 +4,21 @@ The same runner as bench.py (one thread, a small table each). Training goes
 through train.py (`bench.train_and_score`), so nothing here repeats its loop.
 
     python bench_recurrent.py --list          # what there is
-    python bench_recurrent.py equal-time      # held-out loss at equal training time (about 45 min)
+    python bench_recurrent.py equal-time      # held-out loss at equal training time (about 30 min on 2 cores)
     python bench_recurrent.py lct             # LCT against exact training of the seed's updater
     python bench_recurrent.py state           # generation state and memory at 1k / 10k / 100k tokens
     python bench_recurrent.py reversal        # the reversal curse, English and Japanese
 """
 import io
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -36,6 +38,7 @@ VARIANTS = {  # every flag takes a value
     "recurrent (minLSTM scan)": RECURRENT,
     "gated, exact (BPTT)": [*RECURRENT, "--recurrent-cell", "gated", "--recurrent-train", "exact"],
     "gated, LCT (2 passes)": [*RECURRENT, "--recurrent-cell", "gated", "--recurrent-train", "lct"],
+    "infini": [*PRESET_RECIPES["llama"][2:], "--preset", "infini"],
 }
 SEEDS = (1337, 1338, 1339)
 
@@ -61,13 +64,27 @@ def quiet_train(argv, seed, budget):
             "ms_per_step": r["ms_per_iter"], "attractor": attractor}
 
 
+def pin_to_a_core(cores):
+    """A worker process's initializer: run on one core of its own (Linux; elsewhere the system decides)."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cores.get()})
+
+
 def bench_equal_time(budget=PRESET_BUDGET, seeds=SEEDS, variants=tuple(VARIANTS)):
-    """gpt, llama, the recurrent preset and the seed's gated updater (exact, LCT) at equal training time."""
-    print(f"{budget:.0f} s of training each, one thread, one run at a time, seeds {', '.join(map(str, seeds))}; "
-          f"whole held-out 10% of Tiny Shakespeare; {load()} at the start\n")
-    rows, runs = [], {}
+    """gpt, llama, infini, the recurrent preset and the seed's gated updater (exact, LCT) at equal training time."""
+    jobs = min(2, os.cpu_count() or 1)
+    print(f"{budget:.0f} s of training each, one thread, {jobs} run(s) at a time, each pinned to a core of its own; "
+          f"seeds {', '.join(map(str, seeds))}; whole held-out 10% of Tiny Shakespeare; {load()} at the start\n")
+    context = multiprocessing.get_context("spawn")
+    cores = context.Manager().Queue()
+    for core in sorted(os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(jobs))[:jobs]:
+        cores.put(core)
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=pin_to_a_core, initargs=(cores,)) as pool:
+        futures = {name: [pool.submit(quiet_train, VARIANTS[name], seed, budget) for seed in seeds]
+                   for name in variants}
+        runs = {name: [f.result() for f in fs] for name, fs in futures.items()}
+    rows = []
     for name in variants:
-        runs[name] = [quiet_train(VARIANTS[name], seed, budget) for seed in seeds]
         losses = [r["loss"] for r in runs[name]]
         att = runs[name][0]["attractor"]
         rows.append([name, f"{statistics.median(r['steps'] for r in runs[name]):.0f}",
