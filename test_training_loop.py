@@ -102,7 +102,7 @@ def test_nan_loss_stops_training_with_the_step():
 
     with pytest.raises(TrainingDiverged, match="at step 4"):
         train_loop(model, make_optimizer(model, cfg), cfg, next_batch, [next_batch()],
-                   save=lambda state, best: saves.append(state.step))
+                   save=lambda state, best, last: saves.append(state.step))
     assert saves == [3]  # the checkpoint of step 3 is the last one, nothing written after the NaN
 
 
@@ -148,13 +148,30 @@ def test_checkpoint_time_does_not_count_against_the_budget():
         now[0] += 0.01
         return x, x
 
-    def slow_save(state, best):
-        saves.append(state.step)
+    def slow_save(state, best, last):
+        saves.append((state.step, last))
         now[0] += 0.2
 
     state = train_loop(model, make_optimizer(model, cfg), cfg, next_batch, [(x, x)], save=slow_save,
                        clock=lambda: now[0])
-    assert saves == [1, 2, 3, 4, 5] and state.elapsed == pytest.approx(0.05)
+    assert saves == [(1, False), (2, False), (3, False), (4, False), (5, True)]
+    assert state.elapsed == pytest.approx(0.05)
+
+
+def test_the_plot_is_drawn_first_then_at_most_once_a_period_and_at_the_last_save(tmp_path, monkeypatch):
+    model = BigramLM(5)
+    save = training_loop.saver(tmp_path, model, make_optimizer(model, TrainConfig()))
+    (tmp_path / checkpoint.METRICS).write_text("", encoding="utf-8")
+    drawn, now = [], [1000.0]
+    monkeypatch.setattr(checkpoint, "plot_losses", lambda runs, path: drawn.append(now[0]) or True)
+    monkeypatch.setattr(training_loop.time, "monotonic", lambda: now[0])
+    for seconds in (0, 10, training_loop.PLOT_SECONDS - 1, training_loop.PLOT_SECONDS + 5):
+        now[0] = 1000.0 + seconds
+        save(training_loop.LoopState(), None, False)
+    now[0] += 1
+    save(training_loop.LoopState(), None, True)
+    assert drawn == [1000.0, 1000.0 + training_loop.PLOT_SECONDS + 5, 1000.0 + training_loop.PLOT_SECONDS + 6]
+    assert (tmp_path / checkpoint.WEIGHTS).exists()  # the weights are saved every time, plotted or not
 
 
 @pytest.mark.parametrize("grad_clip", [1.0, 0.0])
@@ -166,7 +183,7 @@ def test_an_inf_gradient_stops_before_the_update(grad_clip):
     model.table.weight.register_hook(lambda g: g.index_fill(0, torch.tensor([0]), math.inf) if saves == [3] else g)
     saves, weights = [], []
 
-    def save(state, best):
+    def save(state, best, last):
         saves.append(state.step)
         weights.append(model.table.weight.detach().clone())
 

@@ -36,6 +36,8 @@ from components import swiglu_hidden
 from dataset import default_workers
 from muon import Muon, param_groups
 
+PLOT_SECONDS = 60  # loss.png is redrawn at most this often while training (and always at the end)
+
 
 class BlockDataset(torch.utils.data.Dataset):
     """Blocks of `block_size` tokens taken every `stride` tokens, as (x, y) pairs.
@@ -285,8 +287,8 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
                device_type="cpu", is_main=True, world_size=1, on_eval=None, step_seed=None, clock=time.perf_counter):
     """Train `model` until `cfg.steps` (or `cfg.max_time`) and return the LoopState.
 
-    next_batch() -> (x, y) gives one micro-batch. save(state, val_loss) is called at every evaluation, at the end and
-    on Ctrl-C (then KeyboardInterrupt is re-raised). With DistributedDataParallel, gradients are only synchronised on
+    next_batch() -> (x, y) gives one micro-batch. save(state, val_loss, last) is called at every evaluation, at the
+    end and on Ctrl-C (then KeyboardInterrupt is re-raised). With DistributedDataParallel, gradients are only synchronised on
     the last micro-batch of a step (`no_sync`); only the main process logs and saves. step_seed(step) -> int, when
     given, re-seeds torch's generator (dropout) before each step, so the masks of step s are the same in a resumed run
     and differ between ranks, with no generator state to save. `clock` measures training time (tests fake it)."""
@@ -372,13 +374,13 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
                     ckpt.append_metrics(run_dir, row)
                     bar.write(f"step {state.step}: val loss {val:.4f}" + (" (best)" if improved else ""))
                     if save:
-                        save(state, val if improved else None)
+                        save(state, val if improved else None, last)
                 if cfg.patience and state.evals_since_best >= cfg.patience:
                     bar.write(f"no better val loss for {cfg.patience} evaluations: stopping early")
                     break
                 t_last = clock()  # evaluating and saving do not count against --max-time
             elif cfg.ckpt_every and state.step % cfg.ckpt_every == 0 and is_main and save:
-                save(state, None)
+                save(state, None, False)
                 t_last = clock()
     except KeyboardInterrupt:
         if is_main and save:
@@ -416,11 +418,13 @@ def restore(run_dir, model, optimizer, is_main):
 
 
 def saver(run_dir, model, optimizer, weights_of=None):
-    """save(state, best_val) for the loop: latest and best weights (of `weights_of(model)` when given: a LoRA run
-    saves them merged), the training state (of `model` itself, to resume it) and the plot."""
+    """save(state, best_val, last) for the loop: latest and best weights (of `weights_of(model)` when given: a LoRA
+    run saves them merged), the training state (of `model` itself, to resume it) and the plot: drawn at the last
+    save, and before it at most once every PLOT_SECONDS (a plot costs a checkpoint's time many times over)."""
     plot_note = ["note: pip install matplotlib to get loss.png"]  # said once
+    plotted = [-math.inf]  # when loss.png was last drawn
 
-    def save(state, best_val):
+    def save(state, best_val, last=True):
         tensors = {**model.state_dict(), **{f"optimizer.{i}.{k}": v for i, slots in
                                             optimizer.state_dict()["state"].items() for k, v in slots.items()}}
         bad = next((name for name, t in tensors.items() if t.is_floating_point() and not t.isfinite().all()), None)
@@ -434,6 +438,9 @@ def saver(run_dir, model, optimizer, weights_of=None):
         ckpt.save_training_state(run_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                            "loop": dataclasses.asdict(state), "rng": ckpt.rng_state(),
                                            "memory": getattr(model, "get_memory_state", dict)()})
+        if not last and time.monotonic() - plotted[0] < PLOT_SECONDS:
+            return
+        plotted[0] = time.monotonic()
         rows = ckpt.read_metrics(run_dir / ckpt.METRICS)
         if not ckpt.plot_losses({run_dir.name: rows}, run_dir / "loss.png") and plot_note:
             print(plot_note.pop())
