@@ -189,7 +189,9 @@ def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
                 cache, cache_start = new_cache(model, idx.size(0)), start
                 logits, _ = model(tokens[:, start:length], cache=cache)  # (B, T) -> (B, T, V)
             else:
-                logits, _ = decode(tokens[:, length - 1:length], cache=cache)  # (B, 1) -> (B, 1, V): the newest only
+                # the newest only, the last step's ids: (B,) -> (B, 1) -> (B, 1, V). Not a slice of `tokens`, whose
+                # strides follow the buffer's length: a compiled step would compile again for every prompt length
+                logits, _ = decode(new[:, None], cache=cache)
             new = next_token(logits[:, -1, :], tokens[:, :length], **rules)  # (B,)
             tokens[:, length] = new
             length += 1
@@ -206,9 +208,9 @@ def compile_for_generation(model):
     calling them more than to computing them, and compiling fuses them into few kernels.
     With a static KV cache (attention.KVCache) every step has the same shapes, so one
     graph serves every position with no shape guards (dynamic=False), compiled on the
-    first step of each batch size. freezing folds the weights into the graph as
-    constants (Linear weights pre-packed for the CPU's matrix kernels): the weights are
-    those of the first call, so load them before generating. The prefill, one call per
+    first step of each batch size. freezing makes the weights constants of the graph,
+    prepared once rather than at every step: they are those of the first call, so load
+    them before generating. The prefill, one call per
     window and of any length, stays eager. A model with memory carries state across calls
     on its layers, which a static step does not model: it compiles whole, shapes dynamic.
     Greedy output stays the eager model's.
@@ -216,7 +218,9 @@ def compile_for_generation(model):
     if getattr(model, "has_memory", False) or not hasattr(model, "new_kv_cache"):  # memory, or a bigram model
         model.compile(dynamic=True)
     else:  # a plain function attribute, not a module: the model would otherwise hold itself as a child
-        model.decode_step = torch.compile(model.forward, dynamic=False, options={"freezing": True})
+        # no size asserts: the wrapper around the kernels then checks no output's strides, at every step
+        model.decode_step = torch.compile(model.forward, dynamic=False, options={
+            "freezing": True, "size_asserts": False, "alignment_asserts": False, "scalar_asserts": False})
     return model
 
 

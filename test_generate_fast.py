@@ -67,5 +67,7 @@ def test_compiled_greedy_output_equals_the_eager_output(monkeypatch):
     # 34 tokens: past the window (a new prefill). One prompt, as sample, cli and server generate; a batch
     # compiles again for its size, which would double this test's time
     assert torch.equal(generate(compiled, prompt, 30, temperature=0), generate(eager, prompt, 30, temperature=0))
-    # the static KV cache: one graph served every position and both windows, with no recompilation
+    other = prompt[:, :2]  # another prompt length and number of new tokens, as a server's requests have
+    assert torch.equal(generate(compiled, other, 9, temperature=0), generate(eager, other, 9, temperature=0))
+    # the static KV cache: one graph served every position, both windows and both calls, with no recompilation
     assert counters["stats"]["unique_graphs"] == 1
