@@ -7,6 +7,7 @@ is given); this project never ships or builds their code.
     python bench_speed.py --list
     python bench_speed.py speedrun --nanogpt ~/src/nanoGPT    # with data/shakespeare_char/prepare.py run in it
     python bench_speed.py generate-c --llama2c-run ~/src/llama2.c/run
+    python bench_speed.py server                              # needs fastapi and uvicorn
     python bench_speed.py muon
     python bench_speed.py threads
 """
@@ -33,7 +34,7 @@ from bench import (NANOGPT, NANOGPT_FLAGS, PRESET_RECIPES, main, median_time, pr
                    run_side_by_side, steady_tokens_per_sec)
 from bpe_tokenizer import BPETokenizer
 from char_tokenizer import CharTokenizer
-from chat_format import add_chat_tokens
+from chat_format import add_chat_tokens, chat_ids
 from checkpoint import WEIGHTS, load_run, model_config_dict, save_run_files, save_weights
 from export import export_gguf, export_llama2c
 from sample import compile_for_generation, generate
@@ -152,7 +153,7 @@ def llama_cpp_tokens_per_sec(gguf_path, new_tokens):
     return new_tokens / (time.perf_counter() - start)
 
 
-def bench_generate_c(llama2c_run=None, new_tokens=500, batch=8, rounds=3):
+def bench_generate_c(llama2c_run=None, new_tokens=500, batch=8, rounds=5):
     """Generation: ours (eager, --compile) against llama2.c's run.c on the same weights, and a batch of 8;
     llama.cpp on the GGUF export too where llama-cpp-python is installed."""
     core = max(os.sched_getaffinity(0))
@@ -230,6 +231,8 @@ def bench_server(streams=8, new_tokens=200, rounds=3):
     torch.manual_seed(0)
     tok = add_chat_tokens(BPETokenizer([]))  # bytes and the chat tokens: a chat run's tokenizer
     model = Transformer(dataclasses.replace(PRESETS["llama"], vocab_size=tok.vocab_size, block_size=512))
+    with torch.no_grad():  # the chat tokens' logits 0, below the best random one: every answer runs its full length
+        model.head.weight[list(chat_ids(tok).values())] = 0.0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
@@ -247,24 +250,25 @@ def bench_server(streams=8, new_tokens=200, rounds=3):
                 thread.join(0.01)
             port = sock.getsockname()[1]
             stream_chat(port, 5)  # the first request compiles (--compile)
-            speeds = {1: [], streams: []}
+            speeds, answers = {1: [], streams: []}, []
             for _ in range(rounds):
                 for n in speeds:
                     with ThreadPoolExecutor(n) as pool:
                         start = time.perf_counter()
-                        tokens = sum(pool.map(lambda _: stream_chat(port, new_tokens), range(n)))
-                        speeds[n].append(tokens / (time.perf_counter() - start))
+                        tokens = list(pool.map(lambda _: stream_chat(port, new_tokens), range(n)))
+                        speeds[n].append(sum(tokens) / (time.perf_counter() - start))
+                    answers += tokens
             web.should_exit = True
             thread.join(30)
             sock.close()
             one = statistics.median(speeds[1])
             for n, values in speeds.items():
                 rows.append(["--compile" if compiled else "eager", str(n), f"{statistics.median(values):,.0f}",
-                             f"{statistics.median(values) / one:.2f}×"])
+                             f"{statistics.median(values) / one:.2f}×", f"{min(answers)}–{max(answers)}"])
     print(f"llama preset ({model.num_params():,} params, byte-level chat tokenizer, random weights), streaming "
           f"/v1/chat/completions of up to {new_tokens} tokens, greedy, 1 thread on one core, medians of {rounds} "
           f"rounds; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
-    print_table(["server", "concurrent streams", "total tokens/s", "vs 1 stream"], rows)
+    print_table(["server", "concurrent streams", "total tokens/s", "vs 1 stream", "tokens per answer"], rows)
 
 
 BENCHES["server"] = bench_server
