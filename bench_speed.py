@@ -1,5 +1,6 @@
 """Benchmarks of speed at the limit — a training speedrun against nanoGPT, Muon against AdamW, generation
-against llama2.c's run.c, and the machine's two cores — each side by side in one run, as bench.py does.
+against llama2.c's run.c, the server under concurrent streams, and the machine's two cores — each side by side in
+one run, as bench.py does.
 
 nanoGPT and llama2.c run from the reader's own copies (a benchmark skips them, saying so, when no path
 is given); this project never ships or builds their code.

@@ -189,8 +189,9 @@ def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
                 cache, cache_start = new_cache(model, idx.size(0)), start
                 logits, _ = model(tokens[:, start:length], cache=cache)  # (B, T) -> (B, T, V)
             else:
-                # the newest only, the last step's ids: (B,) -> (B, 1) -> (B, 1, V). Not a slice of `tokens`, whose
-                # strides follow the buffer's length: a compiled step would compile again for every prompt length
+                # the newest only, the last step's ids (a first step is always a prefill): (B,) -> (B, 1) -> (B, 1, V).
+                # Not a slice of `tokens`, whose strides follow the buffer's length: a compiled step would compile
+                # again for every prompt length
                 logits, _ = decode(new[:, None], cache=cache)
             new = next_token(logits[:, -1, :], tokens[:, :length], **rules)  # (B,)
             tokens[:, length] = new
@@ -210,9 +211,9 @@ def compile_for_generation(model):
     graph serves every position with no shape guards (dynamic=False), compiled on the
     first step of each batch size. freezing makes the weights constants of the graph,
     prepared once rather than at every step: they are those of the first call, so load
-    them before generating. The prefill, one call per
-    window and of any length, stays eager. A model with memory carries state across calls
-    on its layers, which a static step does not model: it compiles whole, shapes dynamic.
+    them before generating. The prefill, one call per window and of any length, stays
+    eager. A model with memory carries state across calls on its layers, which a static
+    step does not model: it compiles whole, shapes dynamic.
     Greedy output stays the eager model's.
     """
     if getattr(model, "has_memory", False) or not hasattr(model, "new_kv_cache"):  # memory, or a bigram model
