@@ -176,6 +176,7 @@ def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
     length = idx.size(1)
     tokens = idx.new_empty(idx.size(0), length + max_new_tokens)  # (B, T + new), filled as the loop goes
     tokens[:, :length] = idx
+    new = idx[:, -1]  # (B,) the newest ids so far
     try:
         for _ in range(max_new_tokens):
             start = (segment_start if memory else window_start)(length, window)
@@ -189,9 +190,8 @@ def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
                 cache, cache_start = new_cache(model, idx.size(0)), start
                 logits, _ = model(tokens[:, start:length], cache=cache)  # (B, T) -> (B, T, V)
             else:
-                # the newest only, the last step's ids (a first step is always a prefill): (B,) -> (B, 1) -> (B, 1, V).
-                # Not a slice of `tokens`, whose strides follow the buffer's length: a compiled step would compile
-                # again for every prompt length
+                # the newest only, the last step's ids: (B,) -> (B, 1) -> (B, 1, V). Not a slice of `tokens`, whose
+                # strides follow the buffer's length: a compiled step would compile again for every prompt length
                 logits, _ = decode(new[:, None], cache=cache)
             new = next_token(logits[:, -1, :], tokens[:, :length], **rules)  # (B,)
             tokens[:, length] = new
