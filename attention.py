@@ -74,26 +74,50 @@ def manual_attention(q, k, v, mask=None, scale=None, dropout_p=0.0):
 class KVCache:
     """Keys and values of the positions seen so far, for every layer, so generation feeds one new token per step.
 
-    k, v: (n_layer, B, G, capacity, D), allocated once. `length` positions are filled.
-    During one forward every layer writes its T new positions at [length, length+T);
+    k, v: one (B, G, capacity, D) tensor per layer, allocated once. `length` positions are
+    filled. During one forward every layer writes its T new positions at [length, length+T);
     the model then calls advance(T). Each cache is independent: one per sequence batch.
+
+    static=True is the cache of a compiled step (sample.compile_for_generation): `length` is
+    a 0-d tensor and attention reads the whole capacity, `visible` masking the positions not
+    filled yet, so every step has the same shapes and reads its position as data. One graph
+    then serves every step, where a Python int, or a slice to the current length, would be
+    baked into it and compiled anew at each position. The masked keys get weight exactly 0.
+    A tensor per layer rather than one (n_layer, …) tensor: a compiled step then writes each
+    in place, where a write into a view of one shared tensor makes the compiler copy it whole.
     """
 
-    def __init__(self, n_layer, batch_size, n_kv_head, head_dim, capacity, device=None, dtype=None):
-        self.k = torch.zeros(n_layer, batch_size, n_kv_head, capacity, head_dim, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.capacity = capacity
-        self.length = 0
+    def __init__(self, n_layer, batch_size, n_kv_head, head_dim, capacity, device=None, dtype=None, static=False):
+        self.k = [torch.zeros(batch_size, n_kv_head, capacity, head_dim, device=device, dtype=dtype)
+                  for _ in range(n_layer)]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.batch_size, self.capacity, self.static = batch_size, capacity, static
+        self.length = torch.zeros((), dtype=torch.long, device=device) if static else 0
+
+    def visible(self, T):
+        """(T, capacity) bool for T new positions: True where a key is at or before the query (a static cache)."""
+        device = self.k[0].device
+        queries = self.length + torch.arange(T, device=device)  # (T,) the positions of the new tokens
+        return torch.arange(self.capacity, device=device) <= queries[:, None]  # (S,) vs (T, 1) -> (T, S)
 
     def update(self, layer, k, v):
-        """Store k, v (B, G, T, D) of `layer` after the cached ones; return all of them: (B, G, length+T, D)."""
+        """Store k, v (B, G, T, D) of `layer` after the cached ones; return all of them: (B, G, length+T, D),
+        or for a static cache the whole capacity (B, G, capacity, D)."""
+        if self.static:
+            positions = self.length + torch.arange(k.shape[2], device=k.device)  # (T,)
+            self.k[layer][:, :, positions] = k
+            self.v[layer][:, :, positions] = v
+            return self.k[layer], self.v[layer]
         end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, T):
-        self.length += T
+        self.length += T  # in place for a static cache's tensor
+
+    def nbytes(self):
+        return sum(t.nbytes for t in self.k + self.v)
 
 
 class MultiHeadAttention(nn.Module):
@@ -154,7 +178,10 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, G, T, D) -> (B, G, S, D)
         dropout_p = self.dropout if self.training else 0.0
-        if self.attn_impl == "manual":
+        if cache is not None and cache.static:  # every key position, those not filled yet masked
+            # written out: compiled, its few ops fuse into loops, where sdpa's CPU kernel took 4× longer per query
+            y = manual_attention(q, k, v, cache.visible(T), scale)
+        elif self.attn_impl == "manual":
             mask = self.causal_mask_at(start, T) if T > 1 else None
             y = manual_attention(q, k, v, mask, scale, dropout_p)
         elif start == 0 or T == 1:  # square causal, or one query that may see every key

@@ -141,7 +141,7 @@ with torch.inference_mode():
     for _ in range(n):  # one token in, one token out: the recurrent state or the growing cache carries the rest
         logits, _ = model(idx, cache=cache)
         idx = next_token(logits[:, -1], idx, generator=g)[:, None]
-state = cache.k.nbytes + cache.v.nbytes if cache else sum(
+state = cache.nbytes() if cache else sum(
     v.nbytes for m in model.modules() if hasattr(m, "memory_state") for v in m.memory_state().values())
 open(out, "w").write(json.dumps({"tok_s": n / (time.perf_counter() - t0), "state_bytes": state}))
 """

@@ -1,5 +1,6 @@
 """Benchmarks of speed at the limit — a training speedrun against nanoGPT, Muon against AdamW, generation
-against llama2.c's run.c, and the machine's two cores — each side by side in one run, as bench.py does.
+against llama2.c's run.c, the server under concurrent streams, and the machine's two cores — each side by side in
+one run, as bench.py does.
 
 nanoGPT and llama2.c run from the reader's own copies (a benchmark skips them, saying so, when no path
 is given); this project never ships or builds their code.
@@ -7,18 +8,24 @@ is given); this project never ships or builds their code.
     python bench_speed.py --list
     python bench_speed.py speedrun --nanogpt ~/src/nanoGPT    # with data/shakespeare_char/prepare.py run in it
     python bench_speed.py generate-c --llama2c-run ~/src/llama2.c/run
+    python bench_speed.py server                              # needs fastapi and uvicorn
     python bench_speed.py muon
     python bench_speed.py threads
 """
 import dataclasses
 import importlib.util
+import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -26,7 +33,9 @@ import torch
 import evaluate
 from bench import (NANOGPT, NANOGPT_FLAGS, PRESET_RECIPES, main, median_time, print_table, run_child,
                    run_side_by_side, steady_tokens_per_sec)
+from bpe_tokenizer import BPETokenizer
 from char_tokenizer import CharTokenizer
+from chat_format import add_chat_tokens, chat_ids
 from checkpoint import WEIGHTS, load_run, model_config_dict, save_run_files, save_weights
 from export import export_gguf, export_llama2c
 from sample import compile_for_generation, generate
@@ -145,7 +154,7 @@ def llama_cpp_tokens_per_sec(gguf_path, new_tokens):
     return new_tokens / (time.perf_counter() - start)
 
 
-def bench_generate_c(llama2c_run=None, new_tokens=500, batch=8, rounds=3):
+def bench_generate_c(llama2c_run=None, new_tokens=500, batch=8, rounds=5):
     """Generation: ours (eager, --compile) against llama2.c's run.c on the same weights, and a batch of 8;
     llama.cpp on the GGUF export too where llama-cpp-python is installed."""
     core = max(os.sched_getaffinity(0))
@@ -196,6 +205,74 @@ def bench_generate_c(llama2c_run=None, new_tokens=500, batch=8, rounds=3):
 
 
 BENCHES["generate-c"] = bench_generate_c
+
+
+def stream_chat(port, max_tokens):
+    """One streaming chat completion from the server on `port`, read to its end: the tokens it generated."""
+    body = json.dumps({"model": "run", "messages": [{"role": "user", "content": "Hello!"}], "temperature": 0,
+                       "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}})
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body.encode(),
+                                     {"content-type": "application/json"})
+    tokens = 0
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for line in response:  # server-sent events: the last chunk before [DONE] carries the usage
+            if line.startswith(b"data: {") and b'"usage": {' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
+    return tokens
+
+
+def bench_server(streams=8, new_tokens=200, rounds=3):
+    """server.py under concurrent streams: total tokens/s of 1 and of 8 streaming chat completions at once,
+    eager and --compile, one thread on one core."""
+    import uvicorn
+
+    import server
+
+    os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+    torch.manual_seed(0)
+    tok = add_chat_tokens(BPETokenizer([]))  # bytes and the chat tokens: a chat run's tokenizer
+    model = Transformer(dataclasses.replace(PRESETS["llama"], vocab_size=tok.vocab_size, block_size=512))
+    with torch.no_grad():  # the chat tokens' logits 0, below the best random one: every answer runs its full length
+        model.head.weight[list(chat_ids(tok).values())] = 0.0
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        save_run_files(run_dir, {"model": model_config_dict(model), "tokenizer": tok.kind,
+                                 "tokenizer_file": "tokenizer.json"}, tok, "tokenizer.json")
+        save_weights(model, run_dir / WEIGHTS)
+        for compiled in (False, True):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            web = uvicorn.Server(uvicorn.Config(server.create_app(run_dir, compile_model=compiled),
+                                                log_level="warning"))
+            thread = threading.Thread(target=web.run, kwargs={"sockets": [sock]}, daemon=True)
+            thread.start()
+            while not web.started:
+                thread.join(0.01)
+            port = sock.getsockname()[1]
+            stream_chat(port, 5)  # the first request compiles (--compile)
+            speeds, answers = {1: [], streams: []}, []
+            for _ in range(rounds):
+                for n in speeds:
+                    with ThreadPoolExecutor(n) as pool:
+                        start = time.perf_counter()
+                        tokens = list(pool.map(lambda _: stream_chat(port, new_tokens), range(n)))
+                        speeds[n].append(sum(tokens) / (time.perf_counter() - start))
+                    answers += tokens
+            web.should_exit = True
+            thread.join(30)
+            sock.close()
+            one = statistics.median(speeds[1])
+            for n, values in speeds.items():
+                rows.append(["--compile" if compiled else "eager", str(n), f"{statistics.median(values):,.0f}",
+                             f"{statistics.median(values) / one:.2f}×", f"{min(answers)}–{max(answers)}"])
+    print(f"llama preset ({model.num_params():,} params, byte-level chat tokenizer, random weights), streaming "
+          f"/v1/chat/completions of up to {new_tokens} tokens, greedy, 1 thread on one core, medians of {rounds} "
+          f"rounds; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")
+    print_table(["server", "concurrent streams", "total tokens/s", "vs 1 stream", "tokens per answer"], rows)
+
+
+BENCHES["server"] = bench_server
 
 
 BUSY_CORE = "while True: pass"  # a program on the other core: an editor, a browser, another run

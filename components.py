@@ -45,7 +45,7 @@ class Embeddings(nn.Module):
     def forward(self, idx, start=0):
         x = self.tok(idx)  # (B, T) -> (B, T, C)
         if self.pos is not None:
-            positions = torch.arange(start, start + idx.shape[1], device=idx.device)
+            positions = start + torch.arange(idx.shape[1], device=idx.device)  # start: an int or a 0-d tensor
             x = x + self.pos(positions)  # (T, C) broadcasts over B
         return x
 
@@ -196,16 +196,24 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", torch.empty(0, head_dim // 2), persistent=False)
         self._build(max_len)
 
+    def reach(self, length):
+        """Make the tables cover at least `length` positions (doubling, so a growing run rebuilds them rarely)."""
+        if length > self.cos.shape[0]:
+            self._build(max(length, 2 * self.cos.shape[0]))
+
     def _build(self, length):
         angles = torch.outer(torch.arange(length, dtype=torch.float64), self.freqs)  # (L,) x (D/2,) -> (L, D/2)
         self.cos = angles.cos().to(self.cos.device, self.cos.dtype)
         self.sin = angles.sin().to(self.sin.device, self.sin.dtype)
 
     def forward(self, x, start=0):
-        end = start + x.shape[1]
-        if end > self.cos.shape[0]:
-            self._build(max(end, 2 * self.cos.shape[0]))
-        cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]  # (T, 1, D/2): broadcast over B, h
+        if torch.is_tensor(start):  # a static KV cache's position (attention.KVCache): look the rows up
+            rows = start + torch.arange(x.shape[1], device=start.device)  # (T,)
+            cos, sin = self.cos[rows, None, :], self.sin[rows, None, :]  # (T, 1, D/2): broadcast over B, h
+        else:
+            end = start + x.shape[1]
+            self.reach(end)
+            cos, sin = self.cos[start:end, None, :], self.sin[start:end, None, :]
         if cos.dtype != x.dtype:  # e.g. under bfloat16 autocast
             cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         return apply_rotary(x, cos, sin)

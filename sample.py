@@ -122,9 +122,10 @@ def context_window(model):
 
 
 def new_cache(model, batch_size):
-    """A KV cache on the model's device and dtype (read from the embedding, never quantized)."""
+    """A KV cache on the model's device and dtype (read from the embedding, never quantized); a static one
+    for a model with a compiled decode step (compile_for_generation)."""
     p = next(model.parameters())
-    return model.new_kv_cache(batch_size, device=p.device, dtype=p.dtype)
+    return model.new_kv_cache(batch_size, device=p.device, dtype=p.dtype, static=hasattr(model, "decode_step"))
 
 
 def window_start(length, window):
@@ -161,6 +162,8 @@ def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
     memory it had is put back at the end.
     The tokens live in one buffer allocated up front: a step writes its id in
     place instead of copying the whole sequence into a new tensor.
+    A model made ready by compile_for_generation feeds its newest tokens through
+    its compiled `decode_step`; a prefill runs eagerly, once per window.
     """
     if idx.size(1) == 0:
         raise ValueError("the prompt is empty: give at least one token")
@@ -168,10 +171,12 @@ def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
     use_cache = kv_cache and hasattr(model, "new_kv_cache")
     memory = getattr(model, "has_memory", False)
     initial = model.get_memory_state() if memory else None
+    decode = getattr(model, "decode_step", model)
     cache, cache_start = None, None
     length = idx.size(1)
     tokens = idx.new_empty(idx.size(0), length + max_new_tokens)  # (B, T + new), filled as the loop goes
     tokens[:, :length] = idx
+    new = idx[:, -1]  # (B,) the newest ids so far
     try:
         for _ in range(max_new_tokens):
             start = (segment_start if memory else window_start)(length, window)
@@ -185,7 +190,9 @@ def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
                 cache, cache_start = new_cache(model, idx.size(0)), start
                 logits, _ = model(tokens[:, start:length], cache=cache)  # (B, T) -> (B, T, V)
             else:
-                logits, _ = model(tokens[:, length - 1:length], cache=cache)  # (B, 1) -> (B, 1, V): the newest only
+                # the newest only, the last step's ids: (B,) -> (B, 1) -> (B, 1, V). Not a slice of `tokens`, whose
+                # strides follow the buffer's length: a compiled step would compile again for every prompt length
+                logits, _ = decode(new[:, None], cache=cache)
             new = next_token(logits[:, -1, :], tokens[:, :length], **rules)  # (B,)
             tokens[:, length] = new
             length += 1
@@ -196,15 +203,25 @@ def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
 
 
 def compile_for_generation(model):
-    """torch.compile `model` in place for generation (--compile), and return it.
+    """Compile `model`'s one-token decode step for generation (--compile), and return the model.
 
-    A generation step is many small operations on one token: on a CPU the time goes
-    to calling them more than to computing them, and compiling fuses them into few
-    kernels. dynamic=True makes one graph serve every prompt length and cache position
-    (rather than one compilation each); the first call compiles, for tens of seconds.
+    A decode step is ~100 small operations on one token: on a CPU the time goes to
+    calling them more than to computing them, and compiling fuses them into few kernels.
+    With a static KV cache (attention.KVCache) every step has the same shapes, so one
+    graph serves every position with no shape guards (dynamic=False), compiled on the
+    first step of each batch size. freezing makes the weights constants of the graph,
+    prepared once rather than at every step: they are those of the first call, so load
+    them before generating. The prefill, one call per window and of any length, stays
+    eager. A model with memory carries state across calls on its layers, which a static
+    step does not model: it compiles whole, shapes dynamic.
     Greedy output stays the eager model's.
     """
-    model.compile(dynamic=True)
+    if getattr(model, "has_memory", False) or not hasattr(model, "new_kv_cache"):  # memory, or a bigram model
+        model.compile(dynamic=True)
+    else:  # a plain function attribute, not a module: the model would otherwise hold itself as a child
+        # no size asserts: the wrapper around the kernels then checks no output's strides, at every step
+        model.decode_step = torch.compile(model.forward, dynamic=False, options={
+            "freezing": True, "size_asserts": False, "alignment_asserts": False, "scalar_asserts": False})
     return model
 
 

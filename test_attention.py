@@ -129,20 +129,22 @@ def test_manual_and_sdpa_agree_in_eval_with_dropout_configured():
     assert (model(idx)[0] - manual(idx)[0]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["sliced", "static"])
 @pytest.mark.parametrize("name", VARIANTS)
-def test_kv_cache_equals_full_recomputation(name):
+def test_kv_cache_equals_full_recomputation(name, static):
+    """static: the cache of a compiled step, read whole with the unfilled positions masked."""
     model = Transformer(VARIANTS[name]).eval()
     idx = torch.randint(VOCAB, (2, 16))
     full, _ = model(idx)
     with torch.no_grad():
         model.reset_memory()  # each pass below reads the text anew
-        cache = model.new_kv_cache(batch_size=2)
+        cache = model.new_kv_cache(batch_size=2, static=static)
         steps = [model(idx[:, :5], cache=cache)[0]]  # prefill, then one token at a time
         steps += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(5, 16)]
         assert cache.length == 16
         assert (torch.cat(steps, dim=1) - full).abs().max() <= 1e-5
         model.reset_memory()
-        cache = model.new_kv_cache(batch_size=2)
+        cache = model.new_kv_cache(batch_size=2, static=static)
         bounds = [0, 3, 4, 9, 16]  # chunks of 3, 1, 5 and 7 positions
         chunks = [model(idx[:, a:b], cache=cache)[0] for a, b in zip(bounds, bounds[1:])]
         assert (torch.cat(chunks, dim=1) - full).abs().max() <= 1e-5
@@ -171,12 +173,13 @@ def test_cache_overflow_is_a_clear_error():
         model.new_kv_cache(1, capacity=32)
 
 
-def test_rope_model_runs_past_block_size_with_a_longer_cache():
+@pytest.mark.parametrize("static", [False, True], ids=["sliced", "static"])
+def test_rope_model_runs_past_block_size_with_a_longer_cache(static):
     model = Transformer(tiny("llama", block_size=8, rope_scaling="linear:2")).eval()
     idx = torch.randint(VOCAB, (1, 20))
     full, _ = model(idx)  # RoPE has no position table, so 20 > block_size positions work
     with torch.no_grad():
-        cache = model.new_kv_cache(1, capacity=24)
+        cache = model.new_kv_cache(1, capacity=24, static=static)  # a static one grows the RoPE tables up front
         chunks = [model(idx[:, a:b], cache=cache)[0] for a, b in [(0, 6), (6, 13), (13, 14), (14, 20)]]
     assert (torch.cat(chunks, 1) - full).abs().max() <= 1e-5
 
@@ -189,3 +192,15 @@ def test_kv_cache_update_returns_everything_so_far():
     k2, v2 = torch.randn(2, 1, 2, 2, 4)
     k_all, v_all = cache.update(1, k2, v2)
     assert torch.equal(k_all, torch.cat([k1, k2], dim=2)) and torch.equal(v_all, torch.cat([v1, v2], dim=2))
+
+
+def test_static_kv_cache_returns_the_whole_capacity_and_masks_what_is_not_filled():
+    cache = KVCache(n_layer=2, batch_size=1, n_kv_head=2, head_dim=4, capacity=6, static=True)
+    k1, v1 = torch.randn(2, 1, 2, 3, 4)
+    cache.update(1, k1, v1)
+    cache.advance(3)
+    k2, v2 = torch.randn(2, 1, 2, 2, 4)
+    k_all, v_all = cache.update(1, k2, v2)
+    assert k_all.shape == (1, 2, 6, 4) and torch.equal(k_all[:, :, :5], torch.cat([k1, k2], dim=2))
+    assert torch.equal(v_all[:, :, :5], torch.cat([v1, v2], dim=2)) and not k_all[:, :, 5:].any()
+    assert torch.equal(cache.visible(2), torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]], dtype=torch.bool))

@@ -4,6 +4,7 @@ import dataclasses
 import pytest
 import torch
 import torch._inductor.config
+from torch._dynamo.utils import counters
 
 import sample
 from sample import compile_for_generation, generate
@@ -58,9 +59,15 @@ def test_the_token_buffer_is_written_once_not_copied_per_step(monkeypatch):
 def test_compiled_greedy_output_equals_the_eager_output(monkeypatch):
     # Inductor's pool of compiling processes ends a pytest run that captures output, silently: compile here.
     monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
+    torch._dynamo.reset()
+    counters.clear()
     eager = tiny("llama")
     compiled = compile_for_generation(tiny("llama"))  # the same seed: the same weights
     prompt = torch.randint(TINY["vocab_size"], (1, 4), generator=torch.Generator().manual_seed(3))
     # 34 tokens: past the window (a new prefill). One prompt, as sample, cli and server generate; a batch
     # compiles again for its size, which would double this test's time
     assert torch.equal(generate(compiled, prompt, 30, temperature=0), generate(eager, prompt, 30, temperature=0))
+    other = prompt[:, :2]  # another prompt length and number of new tokens, as a server's requests have
+    assert torch.equal(generate(compiled, other, 9, temperature=0), generate(eager, other, 9, temperature=0))
+    # the static KV cache: one graph served every position, both windows and both calls, with no recompilation
+    assert counters["stats"]["unique_graphs"] == 1

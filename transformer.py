@@ -24,7 +24,8 @@ from attention import ATTN_IMPLS, ATTN_SCALES, KVCache
 from bigram_lm import next_token_loss
 from block import FFN_KINDS, LAYER_KINDS, Block
 from memory import UPDATE_RULES
-from components import Embeddings, MoE, expert_counts, load_balancing_loss, make_norm, parse_rope_scaling
+from components import (Embeddings, MoE, RotaryEmbedding, expert_counts, load_balancing_loss, make_norm,
+                        parse_rope_scaling)
 from recurrent import RECURRENT_CELLS, RECURRENT_TRAINS
 
 NORMS = ("layernorm", "rmsnorm")
@@ -182,17 +183,22 @@ class Transformer(nn.Module):
         """Parameters, each counted once (a tied matrix is one matrix)."""
         return sum(p.numel() for p in self.parameters())
 
-    def new_kv_cache(self, batch_size, device=None, dtype=None, capacity=None):
+    def new_kv_cache(self, batch_size, device=None, dtype=None, capacity=None, static=False):
         """An empty KVCache for `batch_size` sequences of up to `capacity` (default block_size) positions.
 
         RoPE models may ask for more than block_size (e.g. with rope_scaling); learned positions may not.
+        static: a cache for a compiled step (KVCache).
         """
         cfg, p = self.config, self.head.weight
         capacity = capacity or cfg.block_size
         if cfg.pos == "learned" and capacity > cfg.block_size:
             raise ValueError(f"capacity {capacity} exceeds block_size {cfg.block_size}: learned positions stop there")
+        if static:  # RoPE tables that reach the capacity now: a static cache's positions are looked up unchecked
+            for m in self.modules():
+                if isinstance(m, RotaryEmbedding):
+                    m.reach(capacity)
         return KVCache(cfg.n_layer, batch_size, cfg.kv_heads, cfg.head_dim, capacity,
-                       device or p.device, dtype or p.dtype)
+                       device or p.device, dtype or p.dtype, static)
 
     def forward(self, idx, targets=None, cache=None):
         """idx (B, T) int64 -> logits (B, T, V), loss (scalar or None).
@@ -224,10 +230,12 @@ class Transformer(nn.Module):
         """idx (B, T) -> (logits (B, T, V), the MoE layers' aux losses): one segment through every block."""
         B, T = idx.shape
         start = 0 if cache is None else cache.length
-        if cache is not None and (start + T > cache.capacity or cache.k.shape[1] != B):
-            raise ValueError(f"the cache holds {cache.k.shape[1]} sequences × {cache.capacity} positions, "
+        # a static cache's position is a tensor, not checked here: reading it would stop a compiled step for a
+        # sync; a write past its capacity fails on the index instead
+        if cache is not None and (cache.batch_size != B or not cache.static and start + T > cache.capacity):
+            raise ValueError(f"the cache holds {cache.batch_size} sequences × {cache.capacity} positions, "
                              f"{cache.length} used; got {B} × {T} more: start a new cache or crop the context")
-        if self.config.pos == "learned" and start + T > self.config.block_size:
+        if self.config.pos == "learned" and not torch.is_tensor(start) and start + T > self.config.block_size:
             raise ValueError(f"positions up to {start + T} exceed block_size {self.config.block_size}: "
                              f"crop the input to the last {self.config.block_size} tokens")
         x = self.embed(idx, start)  # (B, T) -> (B, T, C)
