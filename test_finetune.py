@@ -161,6 +161,17 @@ def test_max_chats_takes_one_count_per_file(tmp_path):
     assert finetune.load_chats({**args, "max_chats": 4})[0] == finetune.load_chats({**args, "max_chats": [4, 4]})[0]
 
 
+def test_lora_takes_its_own_learning_rate_unless_one_is_typed(base_run, tmp_path):
+    start = [str(base_run), "--data", str(base_run.parent / "chats.jsonl"), "--out", str(tmp_path / "chat")]
+    full = finetune.resolve_args(start)
+    lora = finetune.resolve_args(start + ["--lora-rank", "4"])
+    typed = finetune.resolve_args(start + ["--lora-rank", "4", "--lr", "5e-3"])
+    assert (full["lr"], full["min_lr"]) == (finetune.FINETUNE_DEFAULTS["lr"], finetune.FINETUNE_DEFAULTS["min_lr"])
+    assert (lora["lr"], lora["min_lr"]) == (finetune.LORA_DEFAULTS["lr"], finetune.LORA_DEFAULTS["min_lr"])
+    assert (typed["lr"], typed["min_lr"]) == (5e-3, finetune.LORA_DEFAULTS["min_lr"])
+    assert finetune.LORA_DEFAULTS["lr"] != finetune.FINETUNE_DEFAULTS["lr"]
+
+
 def bad_chat_file(root, name, line):
     path = root / name
     path.write_text(json.dumps(CHATS[0]) + "\n" + json.dumps(line) + "\n", encoding="utf-8")
