@@ -147,6 +147,31 @@ def test_synthetic_probes_ask_seen_facts_in_phrasings_training_never_uses():
             assert chat[-1]["content"] == finetune.NAME_TURNS[lang][3].format(n=name)
 
 
+def test_max_chats_takes_one_count_per_file(tmp_path):
+    files = []
+    for name, n in (("a", 10), ("b", 12)):  # every conversation says which file and line it came from
+        files.append(tmp_path / f"{name}.jsonl")
+        files[-1].write_text("".join(json.dumps({"prompt": f"{name}{i}?", "completion": "Yes."}) + "\n"
+                                     for i in range(n)), encoding="utf-8")
+    args = {"data": files, "synthetic": 0, "heldout": 0.1, "seed": 3}
+    train, held = finetune.load_chats({**args, "max_chats": [2, 5]})
+    every, every_held = finetune.load_chats({**args, "max_chats": [0]})  # 9 of a, then 11 of b; 1 of each held out
+    assert train == every[:2] + every[9:14] and [m[0]["content"][0] for m in train] == ["a"] * 2 + ["b"] * 5
+    assert held == every_held  # the held-out part does not depend on the cut
+    assert finetune.load_chats({**args, "max_chats": 4})[0] == finetune.load_chats({**args, "max_chats": [4, 4]})[0]
+
+
+def test_lora_takes_its_own_learning_rate_unless_one_is_typed(base_run, tmp_path):
+    start = [str(base_run), "--data", str(base_run.parent / "chats.jsonl"), "--out", str(tmp_path / "chat")]
+    full = finetune.resolve_args(start)
+    lora = finetune.resolve_args(start + ["--lora-rank", "4"])
+    typed = finetune.resolve_args(start + ["--lora-rank", "4", "--lr", "5e-3"])
+    assert (full["lr"], full["min_lr"]) == (finetune.FINETUNE_DEFAULTS["lr"], finetune.FINETUNE_DEFAULTS["min_lr"])
+    assert (lora["lr"], lora["min_lr"]) == (finetune.LORA_DEFAULTS["lr"], finetune.LORA_DEFAULTS["min_lr"])
+    assert (typed["lr"], typed["min_lr"]) == (5e-3, finetune.LORA_DEFAULTS["min_lr"])
+    assert finetune.LORA_DEFAULTS["lr"] != finetune.FINETUNE_DEFAULTS["lr"]
+
+
 def bad_chat_file(root, name, line):
     path = root / name
     path.write_text(json.dumps(CHATS[0]) + "\n" + json.dumps(line) + "\n", encoding="utf-8")
@@ -168,6 +193,7 @@ def test_bad_input_exits_2_with_one_line(base_run, tmp_path, monkeypatch, capsys
                                                                         {"role": "user", "content": "Yo"}]})],
          "order.jsonl:2: turn 1 is 'assistant' where 'user' was expected"),
         (base + [good, "--lora-rank", "-1"], "--lora-rank must be 0"),
+        (base + [good, "--max-chats", "1", "2"], "one count for every file or one per file: 2 counts for 1"),
         (base + [good, "--lora-rank", "4", "--lora-targets", "nothing"], "no Linear layer matches"),
         (["bigram", "--out", "chat", "--data", good], "bigram run"),
     ]
