@@ -84,6 +84,8 @@ def build_parser(suppress=False):
     run.add_argument("--seed", type=int, default=s(1337), help="seed for the split, batches and adapters "
                      "(default: %(default)s)")
     run.add_argument("--device", default=s("auto"), help="auto | cpu | cuda | mps (default: %(default)s)")
+    run.add_argument("--threads", type=int, default=s(0), help="CPU threads; 0: one per core less the cores other "
+                     "programs keep busy at the start (default: %(default)s)")
     run.add_argument("--from-scratch", action="store_true", default=s(False), help="start from random weights of "
                      "the base's shape and tokenizer: the baseline that shows what pretraining is worth")
     lora = p.add_argument_group("LoRA")
@@ -284,6 +286,7 @@ def run(argv=None):
     """Fine-tune as the flags say; returns the final LoopState."""
     args = resolve_args(argv)
     device = ckpt.pick_device(args["device"])
+    threads = ckpt.set_cpu_threads(args["threads"]) if device == "cpu" else None
     tcfg = TrainConfig(**{f.name: args[f.name] for f in dataclasses.fields(TrainConfig)})
     tcfg.dtype, _ = choose_precision(device, *device_capabilities(device), tcfg.dtype, "off")
     seed_everything(args["seed"])
@@ -313,7 +316,8 @@ def run(argv=None):
               "resolved": {"dtype": tcfg.dtype, "lr": tcfg.lr, "min_lr": tcfg.min_lr}}
     ckpt.save_run_files(run_dir, config, tok, config["tokenizer_file"])
     print(f"{note}; vocab {tok.vocab_size} with the chat tokens; {len(train_chats):,} conversations in "
-          f"{len(x):,} blocks of {block_size}, {len(held_out):,} held out; device {device}, {tcfg.dtype}; "
+          f"{len(x):,} blocks of {block_size}, {len(held_out):,} held out; device {device}, {tcfg.dtype}"
+          + (f", {threads}" if threads else "") + "; "
           f"learning rate {tcfg.lr:.3g} → {tcfg.min_lr:.3g}"
           + (f"; resuming at step {state.step} of {tcfg.steps}" if args["resume"] else ""))
     state = train_loop(model, optimizer, tcfg, batch_stream(x, y, tcfg.batch_size, args["seed"],

@@ -193,6 +193,7 @@ def test_bad_input_exits_2_with_one_line(base_run, tmp_path, monkeypatch, capsys
                                                                         {"role": "user", "content": "Yo"}]})],
          "order.jsonl:2: turn 1 is 'assistant' where 'user' was expected"),
         (base + [good, "--lora-rank", "-1"], "--lora-rank must be 0"),
+        (base + [good, "--threads", "-2"], "--threads -2: give a number of threads"),
         (base + [good, "--max-chats", "1", "2"], "one count for every file or one per file: 2 counts for 1"),
         (base + [good, "--lora-rank", "4", "--lora-targets", "nothing"], "no Linear layer matches"),
         (["bigram", "--out", "chat", "--data", good], "bigram run"),
