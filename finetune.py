@@ -112,7 +112,7 @@ def resolve_args(argv):
             if name in typed and typed[name] != saved[name]:
                 raise ValueError(f"{flag(name)} {typed[name]} differs from the run's {saved[name]}: --resume "
                                  f"{run_dir} keeps its base, data and adapters; start a new run (--out) to change it")
-        return {**saved, **typed, "resume": str(run_dir), "out": str(run_dir)}
+        return {**args, **saved, **typed, "resume": str(run_dir), "out": str(run_dir)}  # new flags: defaults
     if not args["base"]:
         raise ValueError("give the base run to fine-tune (python finetune.py out/base --data chats.jsonl ...), "
                          "or --resume a fine-tuning run")

@@ -234,11 +234,15 @@ def test_resume_refuses_a_changed_model_or_run_flag(tmp_path, corpus, monkeypatc
 def test_resume_accepts_training_flags_and_records_them(tmp_path, corpus, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_train(tmp_path, "--steps", "2", "--eval-interval", "2")
+    config_path = tmp_path / "run" / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    del config["args"]["threads"]  # a run saved before --threads existed resumes with its default
+    config_path.write_text(json.dumps(config), encoding="utf-8")
     state = train.run(["--resume", str(tmp_path / "run"), "--steps", "4", "--lr", "5e-4", "--eval-interval", "4",
                        "--n-layer", "1"])  # the run's own value: not a change
     assert state.step == 4
-    args = json.loads((tmp_path / "run" / "config.json").read_text(encoding="utf-8"))["args"]
-    assert (args["steps"], args["lr"], args["eval_interval"]) == (4, 5e-4, 4)
+    args = json.loads(config_path.read_text(encoding="utf-8"))["args"]
+    assert (args["steps"], args["lr"], args["eval_interval"], args["threads"]) == (4, 5e-4, 4, 0)
 
 
 def test_resume_after_a_kill_before_the_first_checkpoint_or_mid_write(tmp_path, corpus, monkeypatch):

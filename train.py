@@ -142,7 +142,8 @@ def resolve_args(argv):
         if isinstance(saved.get("data"), str):  # a run from before --data took a list
             saved["data"] = [saved["data"]]
         check_resume_flags(typed, saved, config["model"], run_dir)
-        args = {**saved, **typed, "resume": str(run_dir), "out": str(run_dir)}
+        # defaults first: a flag added since the run was saved takes its default
+        args = {**args, **saved, **typed, "resume": str(run_dir), "out": str(run_dir)}
     if args["model"] == "bigram":
         args.update({k: v for k, v in BIGRAM_DEFAULTS.items() if k not in typed})
     if args["max_time"] and "steps" not in typed and not args["resume"]:
