@@ -291,7 +291,8 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
     end and on Ctrl-C (then KeyboardInterrupt is re-raised). With DistributedDataParallel, gradients are only
     synchronised on the last micro-batch of a step (`no_sync`); only the main process logs and saves.
     step_seed(step) -> int, when given, re-seeds torch's generator (dropout) before each step, so the masks of step s
-    are the same in a resumed run and differ between ranks, with no generator state to save. `clock` measures training time (tests fake it)."""
+    are the same in a resumed run and differ between ranks, with no generator state to save. `clock` measures
+    training time (tests fake it)."""
     state = state or LoopState()
     if cfg.dtype == "auto":  # a TrainConfig made in code: the device decides, as on the command line
         cfg = dataclasses.replace(cfg, dtype=choose_precision(device_type, *device_capabilities(device_type))[0])
