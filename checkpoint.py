@@ -457,6 +457,7 @@ def parse_flags(build_parser, argv):
     A --config FILE stands for its flags, as if typed before the others (so a typed flag wins).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    build_parser().parse_args(argv)  # --help first: the typed-only parser has no defaults to print
     typed = vars(build_parser(suppress=True).parse_args(argv))
     if "config" in typed:
         argv = config_file_words(typed["config"], build_parser(), typed) + argv

@@ -407,6 +407,18 @@ def test_a_setting_the_machine_or_preset_cannot_take_exits_2(tmp_path, corpus, m
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("module", ["train", "finetune"])
+def test_help_prints_every_flag_with_its_default(module, capsys):
+    program = __import__(module)
+    with pytest.raises(SystemExit) as stop:
+        program.resolve_args(["--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and out.startswith("usage:")
+    flags = {a.option_strings[-1] for a in program.build_parser()._actions if a.option_strings}
+    assert flags and all(flag in out for flag in flags)
+    assert "(default: " in out
+
+
 def test_estimate_prints_the_run_and_writes_nothing(tmp_path, corpus, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     result = run_train(tmp_path, "--steps", "500", "--eval-interval", "100", "--estimate")
