@@ -10,8 +10,8 @@ New since stage 12: three updaters behind the mixer interface of attention
 (`self.memory`, `reset_memory`, `memory_state`, `load_memory_state`).
 - minGRU and minLSTM (Feng et al. 2024, "Were RNNs All We Needed?"): the gates
   read the current input only, so c_t = a_t ⊙ c_{t−1} + b_t is *linear* in c and
-  the whole window is one parallel scan; we run it in log space (Heinsen 2023),
-  in plain PyTorch, and one step at a time when generating.
+  the whole window is one scan (`chunked_scan`: every chunk of the window at
+  once, then across chunks), in plain PyTorch, and one step at a time when generating.
 - "gated", the seed's updater: c_t = σ(W_f·[x_t, c_{t−1}]) ⊙ c_{t−1}
   + σ(W_i·[x_t, c_{t−1}]) ⊙ tanh(W_c·x_t). Its gates read c_{t−1}, so no scan
   applies. Trained "exact" (step by step, gradients back through the window:
@@ -44,30 +44,46 @@ import torch.nn.functional as F
 RECURRENT_CELLS = ("minlstm", "mingru", "gated")
 RECURRENT_TRAINS = ("exact", "lct")
 COLLAPSE_L2, COLLAPSE_COSINE = 1e-3, 0.999  # the seed's symptoms of a global attractor
+SCAN_CHUNK = 16  # positions a chunk of the scan runs step by step (16 fastest at T = 128–256; 8 and 32 slower)
 
 
-def log_g(k):
-    """log of minGRU's positive activation g(k) = k + 0.5 for k ≥ 0, σ(k) below; (…) -> (…).
-
-    g keeps candidate states positive, so they have a logarithm; log σ(k) = −softplus(−k).
-    """
-    return torch.where(k >= 0, torch.log(F.relu(k) + 0.5), -F.softplus(-k))
+def g(k):
+    """minGRU's positive activation: k + 0.5 for k ≥ 0, σ(k) below; (…) -> (…). It keeps candidates positive."""
+    return torch.where(k >= 0, k + 0.5, torch.sigmoid(k))
 
 
-def log_scan(log_a, log_b, h0=None):
-    """h_t = a_t ⊙ h_{t−1} + b_t for every t at once, from log a, log b (B, T, C) and h0 (B, C) -> (B, T, C).
+def chunked_scan(a, b, h0=None, chunk=SCAN_CHUNK):
+    """h_t = a_t ⊙ h_{t−1} + b_t for every t: a, b (B, T, C), h0 (B, C) or None for zeros -> (B, T, C).
 
-    Unrolled, h_t = A_t·h0 + Σ_{s≤t} (A_t / A_s)·b_s with A_t = a_1⋯a_t; in log space
-    the sum is a logcumsumexp of log b_s − log A_s, which stays finite where a
-    cumulative product would underflow. b > 0 (a log exists); h0 may have any
-    sign, so its term is added outside the logarithm.
+    A loop over T positions costs T small steps (and T more backward). We cut the
+    window into n chunks of L positions and loop twice, L + n steps instead of T:
+    1. inside every chunk at once, the recurrence from zero, L steps: `local`;
+    2. across chunks, n steps: the context each chunk starts from, H_k = P_k ⊙ H_{k−1}
+       + local_k(last), where P is the product of a over the chunk so far;
+    3. every position then adds what its chunk's start contributes: h = local + P ⊙ H.
+    Only products and sums of a ∈ (0, 1] and b, no division and no logarithm, so
+    b and h0 may have any sign. At T = 128–256, L = 16 runs 3.5× faster (forward
+    and backward, one thread) than the log-space scan of Heinsen (2023) it replaced.
     Example (one channel): a = (½, ½), b = (1, 1), h0 = 4 -> h = (3, 2.5).
     """
-    log_A = torch.cumsum(log_a, dim=1)  # (B, T, C)
-    h = torch.exp(log_A + torch.logcumsumexp(log_b - log_A, dim=1))  # (B, T, C)
-    if h0 is not None:
-        h = h + torch.exp(log_A) * h0.unsqueeze(1)  # (B, C) -> (B, 1, C) broadcasts over T
-    return h
+    B, T, C = b.shape
+    L = min(chunk, T)
+    n = -(-T // L)  # ceil(T / L)
+    pad = n * L - T  # padded positions at the end (a = 1, b = 0) change no earlier position
+    a = F.pad(a, (0, 0, 0, pad), value=1.0).view(B, n, L, C)
+    b = F.pad(b, (0, 0, 0, pad)).view(B, n, L, C)
+    h, local = b[:, :, 0], [b[:, :, 0]]
+    for t in range(1, L):
+        h = a[:, :, t] * h + b[:, :, t]  # (B, n, C): position t of every chunk at once
+        local.append(h)
+    local = torch.stack(local, dim=2)  # L × (B, n, C) -> (B, n, L, C)
+    P = torch.cumprod(a, dim=2)  # (B, n, L, C): a's product from the chunk's start to each position
+    H, starts = (b.new_zeros(B, C) if h0 is None else h0), []
+    for k in range(n):
+        starts.append(H)
+        H = P[:, k, -1] * H + local[:, k, -1]  # (B, C): the context after chunk k
+    h = local + P * torch.stack(starts, dim=1).unsqueeze(2)  # (B, n, L, C) + (B, n, L, C) ⊙ (B, n, 1, C)
+    return h.view(B, n * L, C)[:, :T]
 
 
 def attractor_stats(contexts, warn=True):
@@ -155,16 +171,16 @@ class Recurrent(nn.Module):
                              f"{x.shape[0]} rows of {x.shape[2]}: call reset_memory() before a new batch")
         return c
 
-    def log_coefficients(self, x):
-        """minGRU / minLSTM as h_t = a_t ⊙ h_{t−1} + b_t: log a, log b, each (B, T, C), from x (B, T, C)."""
+    def coefficients(self, x):
+        """minGRU / minLSTM as h_t = a_t ⊙ h_{t−1} + b_t: a, b, each (B, T, C), from x (B, T, C)."""
         if self.cell == "mingru":
             k_z, k_h = self.in_proj(x).chunk(2, dim=-1)  # (B, T, 2C) -> 2 × (B, T, C)
-            # z = σ(k_z): log(1 − z) = −softplus(k_z), log z = −softplus(−k_z)
-            return -F.softplus(k_z), -F.softplus(-k_z) + log_g(k_h)
+            return torch.sigmoid(-k_z), torch.sigmoid(k_z) * g(k_h)  # z = σ(k_z): a = 1 − z, b = z ⊙ g(k_h)
         k_f, k_i, k_h = self.in_proj(x).chunk(3, dim=-1)  # (B, T, 3C) -> 3 × (B, T, C)
-        # normalised gates f' = f/(f+i), i' = i/(f+i): log f' = −softplus(log i − log f)
-        diff = F.softplus(-k_f) - F.softplus(-k_i)  # log i − log f
-        return -F.softplus(diff), -F.softplus(-diff) + log_g(k_h)
+        # normalised gates f' = f/(f+i), i' = i/(f+i) with f = σ(k_f), i = σ(k_i): f' = σ(log f − log i),
+        # and log σ(k) = −softplus(−k), so no gate that rounds to 0 divides 0 by 0
+        f = torch.sigmoid(F.softplus(-k_i) - F.softplus(-k_f))
+        return f, (1 - f) * g(k_h)
 
     def gated_update(self, pre, c_prev):
         """The seed's updater on pre-activations pre (…, 3C) from x and previous contexts c_prev (…, C)."""
@@ -197,8 +213,8 @@ class Recurrent(nn.Module):
     def contexts(self, x, c0):
         """The context after every position: x (B, T, C), c0 (B, C) -> (B, T, C)."""
         if self.cell != "gated":
-            log_a, log_b = self.log_coefficients(x)
-            return log_scan(log_a.float(), log_b.float(), c0)  # bfloat16 would round the cumulative sums
+            a, b = self.coefficients(x)
+            return chunked_scan(a.float(), b.float(), c0)  # bfloat16 would round the products
         pre = self.in_proj(x)  # (B, T, C) -> (B, T, 3C), every position's x-part at once
         if self.training and self.train_mode == "lct":
             return self.gated_lct(pre, c0, self.lct_passes)

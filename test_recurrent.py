@@ -8,7 +8,7 @@ import torch
 
 import train
 from checkpoint import load_run
-from recurrent import Recurrent, attractor_stats, model_attractor_stats
+from recurrent import SCAN_CHUNK, Recurrent, attractor_stats, model_attractor_stats
 from sample import generate
 from transformer import PRESETS, ModelConfig, Transformer
 
@@ -34,17 +34,22 @@ def reference_loop(layer, x, h):
 
 @pytest.mark.parametrize("cell", ["mingru", "minlstm"])
 @pytest.mark.parametrize("start", ["zero", "carried"])
-def test_scan_equals_the_step_by_step_loop(cell, start):
+@pytest.mark.parametrize("length", [T, 3 * SCAN_CHUNK + 5])  # one chunk; several and a part
+def test_scan_equals_the_step_by_step_loop(cell, start, length):
     torch.manual_seed(0)
     layer = Recurrent(C, cell)
     with torch.no_grad():
         layer.in_proj.weight.mul_(4)  # gates far from ½ and candidates on both branches of g
-    x = torch.randn(2, T, C)
+    x = torch.randn(2, length, C)
     h0 = torch.zeros(2, C) if start == "zero" else 3 * torch.randn(2, C)  # any sign: not a g(·) output
     layer.load_memory_state({"c": h0} if start == "carried" else {})
     got = layer.contexts(x, layer.start_context(x))
     want = reference_loop(layer, x, h0)
     assert (got - want).abs().max() <= 1e-5
+    weights = torch.randn_like(want)  # the gradients of the scan are the loop's too
+    grad_got = torch.autograd.grad((got * weights).sum(), layer.in_proj.weight)[0]
+    grad_want = torch.autograd.grad((want * weights).sum(), layer.in_proj.weight)[0]
+    torch.testing.assert_close(grad_got, grad_want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(layer(x), layer.out_proj(want), rtol=0, atol=1e-5)
     torch.testing.assert_close(layer.memory["c"], want[:, -1], rtol=0, atol=1e-5)
 
