@@ -49,17 +49,22 @@ from checkpoint import load_run
 # Shapes: B batch, T time, V vocabulary.
 
 
-def apply_repetition_penalty(logits, context, penalty):
+def apply_repetition_penalty(logits, context, penalty, exempt=None):
     """Make tokens already in `context` less likely (penalty > 1) or more (< 1).
 
     logits (B, V), context (B, T) ids. Example with penalty 2: a seen token's
     logit 3.0 becomes 1.5 and −1.0 becomes −2.0; unseen tokens are untouched.
+    The `exempt` ids (a 1-D tensor: the stop ids) keep their logits, so a penalty
+    never keeps a reply from ending because the prompt's turns ended with <|end|>.
     """
     if penalty == 1.0 or context.numel() == 0:
         return logits
     seen = torch.gather(logits, 1, context)  # (B, T) the logits of the tokens in the context
     seen = torch.where(seen > 0, seen / penalty, seen * penalty)
-    return logits.scatter(1, context, seen)  # a token seen twice is penalised once
+    out = logits.scatter(1, context, seen)  # a token seen twice is penalised once
+    if exempt is not None and exempt.numel():
+        out[:, exempt] = logits[:, exempt]
+    return out
 
 
 def apply_top_k(logits, k):
@@ -89,13 +94,13 @@ def apply_top_p(logits, p):
 
 
 def next_token(logits, context, *, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-               generator=None):
+               generator=None, exempt=None):
     """Pick one token per row: logits (B, V) at the last position, context (B, T) -> ids (B,).
 
     The rules run in the order of the module docstring; temperature 0 is greedy
     (argmax after the repetition penalty; top-k and top-p cannot change an argmax).
     """
-    logits = apply_repetition_penalty(logits.float(), context, repetition_penalty)
+    logits = apply_repetition_penalty(logits.float(), context, repetition_penalty, exempt)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = apply_top_p(apply_top_k(logits / temperature, top_k), top_p)
@@ -240,7 +245,7 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
     out[:, :idx.size(1)] = idx
     length = idx.size(1)
     for new in _steps(model, idx, max_new_tokens, kv_cache=kv_cache, temperature=temperature, top_k=top_k,
-                      top_p=top_p, repetition_penalty=repetition_penalty, generator=generator):
+                      top_p=top_p, repetition_penalty=repetition_penalty, generator=generator, exempt=stop):
         if stop.numel():  # without stop ids no row ever stops: no test, and no sync with the device, per step
             new = torch.where(done, out[:, length - 1], new)  # a stopped row repeats its stop id
             done |= torch.isin(new, stop)
@@ -258,8 +263,9 @@ def stream_generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, 
     if idx.size(0) != 1:
         raise ValueError(f"stream_generate takes one prompt, got a batch of {idx.size(0)}: use generate")
     stop = set(stop_ids or [])
+    exempt = torch.tensor(sorted(stop), dtype=torch.long, device=idx.device)
     for new in _steps(model, idx, max_new_tokens, kv_cache=kv_cache, temperature=temperature, top_k=top_k,
-                      top_p=top_p, repetition_penalty=repetition_penalty, generator=generator):
+                      top_p=top_p, repetition_penalty=repetition_penalty, generator=generator, exempt=exempt):
         token = int(new[0])
         yield token
         if token in stop:

@@ -67,6 +67,17 @@ def test_repetition_penalty_ctrl_rule():
     assert after[0] < before[0] and after[1] < before[1]  # seen tokens: less likely
     assert after[2] > before[2] and after[3] > before[3]  # unseen tokens: never less likely
     assert torch.equal(apply_repetition_penalty(logits, context, 1.0), logits)
+    assert apply_repetition_penalty(logits, context, 2.0, exempt=torch.tensor([1])).tolist() == [[1.0, -1.0, 0.5, 3.0]]
+
+
+def test_the_penalty_never_keeps_a_reply_from_its_stop_id():
+    model = BigramLM(4)
+    with torch.no_grad():
+        model.table.weight.copy_(torch.tensor([[0.0, 1.5, 0.0, 2.0]]).expand(4, 4))  # after any token: 3, then 1
+    prompt = torch.tensor([[3, 0]])  # the stop id ended an earlier turn of the prompt
+    assert generate(model, prompt, 1, temperature=0, repetition_penalty=2.0)[0, 2:].tolist() == [1]  # 2.0 ÷ 2 < 1.5
+    assert generate(model, prompt, 2, temperature=0, repetition_penalty=2.0, stop_ids=[3])[0, 2:].tolist() == [3]
+    assert list(stream_generate(model, prompt, 2, temperature=0, repetition_penalty=2.0, stop_ids=[3])) == [3]
 
 
 def test_greedy_is_argmax_and_top_k_1_is_greedy():
