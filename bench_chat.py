@@ -3,7 +3,8 @@
     python bench_chat.py out/chat --base out/base --scratch out/chat-scratch --lora out/chat-lora
 
 Everything is measured on the conversations the fine-tuning run held out (and, for the synthetic set, on
-probes asked in phrasings it never trained on), greedily, English and Japanese apart:
+probes asked in phrasings it never trained on), greedily (after a repetition penalty with
+--repetition-penalty P, stop ids exempt), English and Japanese apart:
 
     ends      % of replies that end with <|end|> within 128 tokens
     no role   % of replies without a role token (<|system|>, <|user|>, <|assistant|>) before their end
@@ -38,11 +39,13 @@ from sample import generate
 MAX_REPLY = 128  # tokens a reply may take to reach <|end|>
 
 
-def reply(model, tok, messages, max_new_tokens=MAX_REPLY):
-    """The greedy reply to `messages`: (text before <|end|>, ended with <|end|>, held a role token)."""
+def reply(model, tok, messages, penalty=1.0, max_new_tokens=MAX_REPLY):
+    """The greedy reply to `messages`, under a repetition `penalty` (1: none): (text before <|end|>, ended with
+    <|end|>, held a role token)."""
     chat = chat_ids(tok)
     ids, _ = encode_chat(tok, messages, add_generation_prompt=True)
-    out = generate(model, torch.tensor([ids]), max_new_tokens, temperature=0, stop_ids=[chat["<|end|>"]])
+    out = generate(model, torch.tensor([ids]), max_new_tokens, temperature=0, repetition_penalty=penalty,
+                   stop_ids=[chat["<|end|>"]])
     new = out[0, len(ids):].tolist()
     ended = chat["<|end|>"] in new
     body = new[:new.index(chat["<|end|>"])] if ended else new
@@ -96,7 +99,7 @@ def zero_shot(base_dir, tok):
     return finetune.grow_vocab(model, tok.vocab_size).eval()
 
 
-def reply_rates(model, tok, chats, n_per_lang):
+def reply_rates(model, tok, chats, n_per_lang, penalty=1.0):
     """{lang: {"n", "ends", "no_role", "language"}} over the first reply of up to n held-out conversations each,
     evenly spaced through the held-out ones, plus one transcript per language."""
     rates = {}
@@ -106,7 +109,7 @@ def reply_rates(model, tok, chats, n_per_lang):
         ends = no_role = same = 0
         for k, messages in enumerate(picked):
             prompt = messages[:next(i for i, m in enumerate(messages) if m["role"] == "assistant")]
-            text, ended, role = reply(model, tok, prompt)
+            text, ended, role = reply(model, tok, prompt, penalty)
             ends, no_role, same = ends + ended, no_role + (not role), same + (detect_language(text) == lang)
             if k == 0:
                 rates.setdefault("transcripts", []).append((prompt, text))
@@ -115,13 +118,13 @@ def reply_rates(model, tok, chats, n_per_lang):
     return rates
 
 
-def probe_rates(model, tok, n_names=100):
+def probe_rates(model, tok, n_names=100, penalty=1.0):
     """{lang: {"facts": %, "names": %}}: exact answers to the synthetic probes (finetune.synthetic_probes)."""
     rates = {}
     for lang in finetune.LANGS:
         rates[lang] = {}
         for kind, chats in finetune.synthetic_probes(lang, n_names).items():
-            hits = sum(reply(model, tok, m[:-1])[0].strip() == m[-1]["content"] for m in chats)
+            hits = sum(reply(model, tok, m[:-1], penalty)[0].strip() == m[-1]["content"] for m in chats)
             rates[lang][kind] = hits / len(chats)
     return rates
 
@@ -158,12 +161,13 @@ def time_run(run_dir, command):
     return os.waitstatus_to_exitcode(status)
 
 
-def measure(run_dir, base_dir=None, scratch_dir=None, n_replies=100, n_names=100):
+def measure(run_dir, base_dir=None, scratch_dir=None, n_replies=100, n_names=100, penalty=1.0):
     """Every figure of the module docstring for one fine-tuned run; returns them as a dict."""
     model, tok, config = load_run(run_dir)
     _, real = finetune.load_chats({**config["args"], "synthetic": 0})  # the files' split, the synthetic set left out
     block = config["block_size"]
-    result = {"replies": reply_rates(model, tok, real, n_replies), "probes": probe_rates(model, tok, n_names),
+    result = {"replies": reply_rates(model, tok, real, n_replies, penalty), "penalty": penalty,
+              "probes": probe_rates(model, tok, n_names, penalty),
               "bits_per_char": {"fine-tuned": bits_per_char(model, tok, real, block)}}
     if base_dir:
         result["bits_per_char"]["base, zero-shot"] = bits_per_char(zero_shot(base_dir, tok), tok, real, block)
@@ -174,7 +178,8 @@ def measure(run_dir, base_dir=None, scratch_dir=None, n_replies=100, n_names=100
 
 def print_report(name, result):
     replies, probes = result["replies"], result["probes"]
-    print(f"\n{name}: held-out replies (greedy, ≤ {MAX_REPLY} tokens) and synthetic probes")
+    rule = "greedy" + (f", repetition penalty {result['penalty']}" if result["penalty"] != 1.0 else "")
+    print(f"\n{name}: held-out replies ({rule}, ≤ {MAX_REPLY} tokens) and synthetic probes")
     print(f"{'lang':6}{'n':>5}{'ends':>8}{'no role':>9}{'language':>10}{'facts':>8}{'names':>8}")
     for lang in finetune.LANGS:
         r, p = replies[lang], probes[lang]
@@ -195,6 +200,8 @@ def main(argv=None):
     p.add_argument("--lora", help="a LoRA run of the same data and steps, set beside the full one")
     p.add_argument("--replies", type=int, default=100, help="held-out replies per language (default: %(default)s)")
     p.add_argument("--names", type=int, default=100, help="name-recall probes per language (default: %(default)s)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="the replies' repetition penalty, stop "
+                   "ids exempt (default: %(default)s, none)")
     p.add_argument("--time-run", metavar="DIR", help="run the command after -- and record its time and peak "
                    "memory in DIR/run.json")
     argv = sys.argv[1:] if argv is None else argv
@@ -203,9 +210,10 @@ def main(argv=None):
     if args.time_run:
         sys.exit(time_run(args.time_run, command))
     torch.set_num_threads(1)
-    print_report(args.run, measure(args.run, args.base, args.scratch, args.replies, args.names))
+    penalty = args.repetition_penalty
+    print_report(args.run, measure(args.run, args.base, args.scratch, args.replies, args.names, penalty))
     if args.lora:
-        print_report(args.lora, measure(args.lora, n_replies=args.replies, n_names=args.names))
+        print_report(args.lora, measure(args.lora, n_replies=args.replies, n_names=args.names, penalty=penalty))
         print(f"\n{'run':28}{'trained':>9}{'steps':>6}{'held-out loss':>15}{'s/step':>8}{'peak MB':>9}")
         for run_dir in (args.run, args.lora):
             f = run_facts(run_dir)
