@@ -3,8 +3,9 @@
     python bench_chat.py out/chat --base out/base --scratch out/chat-scratch --lora out/chat-lora
 
 Everything is measured on the conversations the fine-tuning run held out (and, for the synthetic set, on
-probes asked in phrasings it never trained on), greedily (after a repetition penalty with
---repetition-penalty P, stop ids exempt), English and Japanese apart:
+probes asked in phrasings it never trained on), greedily (after a repetition penalty on the
+reply's own tokens with --repetition-penalty P, as cli.py and the server apply it in a chat), English and
+Japanese apart:
 
     ends      % of replies that end with <|end|> within 128 tokens
     no role   % of replies without a role token (<|system|>, <|user|>, <|assistant|>) before their end
@@ -45,7 +46,7 @@ def reply(model, tok, messages, penalty=1.0, max_new_tokens=MAX_REPLY):
     chat = chat_ids(tok)
     ids, _ = encode_chat(tok, messages, add_generation_prompt=True)
     out = generate(model, torch.tensor([ids]), max_new_tokens, temperature=0, repetition_penalty=penalty,
-                   stop_ids=[chat["<|end|>"]])
+                   penalize_prompt=False, stop_ids=[chat["<|end|>"]])
     new = out[0, len(ids):].tolist()
     ended = chat["<|end|>"] in new
     body = new[:new.index(chat["<|end|>"])] if ended else new
@@ -200,8 +201,8 @@ def main(argv=None):
     p.add_argument("--lora", help="a LoRA run of the same data and steps, set beside the full one")
     p.add_argument("--replies", type=int, default=100, help="held-out replies per language (default: %(default)s)")
     p.add_argument("--names", type=int, default=100, help="name-recall probes per language (default: %(default)s)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="the replies' repetition penalty, stop "
-                   "ids exempt (default: %(default)s, none)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="the replies' repetition penalty, on "
+                   "their own tokens (default: %(default)s, none)")
     p.add_argument("--time-run", metavar="DIR", help="run the command after -- and record its time and peak "
                    "memory in DIR/run.json")
     argv = sys.argv[1:] if argv is None else argv

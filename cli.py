@@ -18,8 +18,8 @@ change as you talk; since stage 25, turns through the chat template. Run it:
     (the answer streams here)
     > /temp 0.8
 
-Commands: /temp T, /top-k K, /top-p P, /max N, /seed S, /system TEXT, /reset,
-/help, /quit (or Ctrl-D). Ctrl-C stops the current answer, not the program.
+Commands: /temp T, /top-k K, /top-p P, /penalty P, /max N, /seed S, /system TEXT,
+/reset, /help, /quit (or Ctrl-D). Ctrl-C stops the current answer, not the program.
 """
 import argparse
 import sys
@@ -35,6 +35,7 @@ from sample import check_sampling_args, compile_for_generation, context_window, 
 HELP = """commands:
   /temp T     temperature (0 = greedy)        /top-k K   keep the K most likely tokens (0 = off)
   /top-p P    nucleus probability in (0, 1]    /max N     longest answer, in tokens
+  /penalty P  repetition penalty (1 = off; a chat run's answers count only their own tokens)
   /seed S     restart the random numbers       /reset     forget the conversation (not /system)
   /system T   the system message (chat runs; /system alone removes it)
   /help       this text                        /quit      leave (Ctrl-D too)
@@ -50,6 +51,7 @@ class Settings:
     top_p: float | None = None  # None or 1: off
     max_new_tokens: int = 200  # longest answer, in tokens
     seed: int = 0  # the random generator restarts from it on /seed
+    repetition_penalty: float = 1.0  # > 1 discourages repeats; in a chat, of the answer's own tokens only
 
 
 COMMANDS = {  # command -> (Settings field, type)
@@ -58,6 +60,7 @@ COMMANDS = {  # command -> (Settings field, type)
     "/top-p": ("top_p", float),
     "/max": ("max_new_tokens", int),
     "/seed": ("seed", int),
+    "/penalty": ("repetition_penalty", float),
 }
 
 
@@ -102,7 +105,8 @@ class Chat:
         try:
             for piece in stream_text(self.model, self.tok, self.context(line), s.max_new_tokens,
                                      stop_text=self.stop_text, stop_ids=self.stop_ids, temperature=s.temperature,
-                                     top_k=s.top_k, top_p=s.top_p, generator=self.generator):
+                                     top_k=s.top_k, top_p=s.top_p, repetition_penalty=s.repetition_penalty,
+                                     penalize_prompt=not self.chat_tokens, generator=self.generator):
                 pieces.append(piece)
                 write(piece)
         except KeyboardInterrupt:
@@ -133,7 +137,7 @@ class Chat:
         field, kind = COMMANDS[name]
         try:
             new = Settings(**{**vars(self.settings), field: kind(value)})
-            check_sampling_args(new.temperature, new.top_k, new.top_p)
+            check_sampling_args(new.temperature, new.top_k, new.top_p, new.repetition_penalty)
             if new.max_new_tokens < 1:
                 raise ValueError(f"/max must be >= 1, got {new.max_new_tokens}")
         except ValueError as e:
@@ -182,6 +186,9 @@ def build_parser():
     p.add_argument("--top-p", type=float, default=None, help="nucleus probability in (0, 1] (default: off)")
     p.add_argument("--max-new-tokens", type=int, default=Settings.max_new_tokens,
                    help="longest answer (default: %(default)s)")
+    p.add_argument("--repetition-penalty", type=float, default=Settings.repetition_penalty,
+                   help="> 1 discourages repeats; on a chat run it counts the answer's own tokens, not the "
+                   "conversation's (default: %(default)s, off)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     p.add_argument("--stop", default=None, help='an answer ends at this text (default: a blank line, "\\n\\n", '
                    'on a base run; none on a chat run, whose answers end at <|end|>; "" for none)')
@@ -194,9 +201,10 @@ def build_parser():
 def main(argv=None):
     replace_unencodable_output()
     args = build_parser().parse_args(argv)
-    settings = Settings(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed)
+    settings = Settings(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed,
+                        args.repetition_penalty)
     try:
-        check_sampling_args(settings.temperature, settings.top_k, settings.top_p)
+        check_sampling_args(settings.temperature, settings.top_k, settings.top_p, settings.repetition_penalty)
         if settings.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {settings.max_new_tokens}")
         model, tok, _ = load_run(args.run, device=args.device)

@@ -152,7 +152,7 @@ def segment_start(length, window):
 
 
 @torch.inference_mode()
-def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
+def _steps(model, idx, max_new_tokens, *, kv_cache=True, penalize_prompt=True, **rules):
     """Yield the next ids (B,) one step at a time: the one generation loop.
 
     Both paths read the same context, window_start(…) onwards. Without the cache
@@ -169,6 +169,9 @@ def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
     place instead of copying the whole sequence into a new tensor.
     A model made ready by compile_for_generation feeds its newest tokens through
     its compiled `decode_step`; a prefill runs eagerly, once per window.
+    The repetition penalty reads the prompt and the new tokens, or with
+    penalize_prompt=False the new tokens only: a chat reply may then quote the
+    conversation (a name it was told) but is still kept from looping.
     """
     if idx.size(1) == 0:
         raise ValueError("the prompt is empty: give at least one token")
@@ -182,6 +185,7 @@ def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
     tokens = idx.new_empty(idx.size(0), length + max_new_tokens)  # (B, T + new), filled as the loop goes
     tokens[:, :length] = idx
     new = idx[:, -1]  # (B,) the newest ids so far
+    penalty_start = 0 if penalize_prompt else length
     try:
         for _ in range(max_new_tokens):
             start = (segment_start if memory else window_start)(length, window)
@@ -198,7 +202,7 @@ def _steps(model, idx, max_new_tokens, *, kv_cache=True, **rules):
                 # the newest only, the last step's ids: (B,) -> (B, 1) -> (B, 1, V). Not a slice of `tokens`, whose
                 # strides follow the buffer's length: a compiled step would compile again for every prompt length
                 logits, _ = decode(new[:, None], cache=cache)
-            new = next_token(logits[:, -1, :], tokens[:, :length], **rules)  # (B,)
+            new = next_token(logits[:, -1, :], tokens[:, penalty_start:length], **rules)  # (B,)
             tokens[:, length] = new
             length += 1
             yield new
@@ -231,7 +235,7 @@ def compile_for_generation(model):
 
 
 def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, repetition_penalty=1.0,
-             stop_ids=None, generator=None, kv_cache=True):
+             stop_ids=None, generator=None, kv_cache=True, penalize_prompt=True):
     """Continue every row of `idx` (B, T) by up to `max_new_tokens`; returns (B, T + new).
 
     A batch holds prompts of equal length (no padding: pad-free batching is what
@@ -244,8 +248,9 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
     out = idx.new_empty(idx.size(0), idx.size(1) + max_new_tokens)  # (B, T + new)
     out[:, :idx.size(1)] = idx
     length = idx.size(1)
-    for new in _steps(model, idx, max_new_tokens, kv_cache=kv_cache, temperature=temperature, top_k=top_k,
-                      top_p=top_p, repetition_penalty=repetition_penalty, generator=generator, exempt=stop):
+    for new in _steps(model, idx, max_new_tokens, kv_cache=kv_cache, penalize_prompt=penalize_prompt,
+                      temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                      generator=generator, exempt=stop):
         if stop.numel():  # without stop ids no row ever stops: no test, and no sync with the device, per step
             new = torch.where(done, out[:, length - 1], new)  # a stopped row repeats its stop id
             done |= torch.isin(new, stop)
@@ -257,15 +262,16 @@ def generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=N
 
 
 def stream_generate(model, idx, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None,
-                    repetition_penalty=1.0, stop_ids=None, generator=None, kv_cache=True):
+                    repetition_penalty=1.0, stop_ids=None, generator=None, kv_cache=True, penalize_prompt=True):
     """Like `generate` for one prompt idx (1, T), yielding each new id as an int as soon as it is made."""
     check_sampling_args(temperature, top_k, top_p, repetition_penalty)
     if idx.size(0) != 1:
         raise ValueError(f"stream_generate takes one prompt, got a batch of {idx.size(0)}: use generate")
     stop = set(stop_ids or [])
     exempt = torch.tensor(sorted(stop), dtype=torch.long, device=idx.device)
-    for new in _steps(model, idx, max_new_tokens, kv_cache=kv_cache, temperature=temperature, top_k=top_k,
-                      top_p=top_p, repetition_penalty=repetition_penalty, generator=generator, exempt=exempt):
+    for new in _steps(model, idx, max_new_tokens, kv_cache=kv_cache, penalize_prompt=penalize_prompt,
+                      temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
+                      generator=generator, exempt=exempt):
         token = int(new[0])
         yield token
         if token in stop:

@@ -167,8 +167,9 @@ class Answer:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-def pieces(model, tok, prompt, max_new_tokens, request, stop_ids=()):
-    """The text pieces answering one request: its own generator, and (inside generate) its own KV cache."""
+def pieces(model, tok, prompt, max_new_tokens, request, stop_ids=(), chat=False):
+    """The text pieces answering one request: its own generator, and (inside generate) its own KV cache.
+    A chat answer's repetition penalty counts the answer's own tokens, not the conversation's."""
     generator = torch.Generator(device=next(model.parameters()).device)
     if request.seed is None:
         generator.seed()  # fresh randomness per request
@@ -176,7 +177,7 @@ def pieces(model, tok, prompt, max_new_tokens, request, stop_ids=()):
         generator.manual_seed(request.seed)
     return stream_text(model, tok, prompt, max_new_tokens, stop_text=request.stop, stop_ids=stop_ids,
                        temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
-                       repetition_penalty=request.repetition_penalty, generator=generator)
+                       repetition_penalty=request.repetition_penalty, penalize_prompt=not chat, generator=generator)
 
 
 def event(data):
@@ -279,7 +280,7 @@ def create_app(run_dir, device="cpu", compile_model=False):
 
     def respond(request, ids, chat):
         """The answer to prompt `ids`, a chat or a text completion: one JSON object, or its chunks as events."""
-        answer = Answer(pieces(model, tok, ids, request.limit, request, stop_ids), len(ids))
+        answer = Answer(pieces(model, tok, ids, request.limit, request, stop_ids, chat), len(ids))
         kind, whole, chunk = ("chat.completion", message_choice, delta_choice) if chat else \
             ("text_completion", text_choice, text_choice)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,

@@ -109,6 +109,23 @@ def test_a_chat_run_takes_turns_through_a_pipe(chat_run):
                        "(system message removed)\n", REPLY + "\n", "\n"]  # each answer stopped at <|end|>
 
 
+def test_the_penalty_counts_a_chat_answers_own_tokens_and_a_base_runs_whole_text(tmp_path, run, monkeypatch):
+    asked = []
+
+    def stream_text(model, tok, prompt, max_new_tokens, **rules):
+        asked.append((rules["repetition_penalty"], rules["penalize_prompt"]))
+        yield "x"
+
+    monkeypatch.setattr(cli, "stream_text", stream_text)
+    for run_dir in (scripted_chat_run(tmp_path / "chat"), run):
+        model, tok, _ = load_run(run_dir)
+        chat = cli.Chat(model, tok, cli.Settings(temperature=0))
+        assert chat.command("/penalty 0").startswith("not changed: repetition penalty must be > 0")
+        assert chat.command("/penalty 1.3") == "repetition_penalty = 1.3"
+        chat.answer("hi", lambda text: None)
+    assert asked == [(1.3, False), (1.3, True)]
+
+
 def test_chat_history_keeps_the_system_message_and_the_newest_whole_turns(tmp_path, monkeypatch):
     model, tok, _ = load_run(scripted_chat_run(tmp_path / "chat", block_size=48))
     chat = cli.Chat(model, tok, cli.Settings(temperature=0, max_new_tokens=30))

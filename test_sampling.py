@@ -80,6 +80,18 @@ def test_the_penalty_never_keeps_a_reply_from_its_stop_id():
     assert list(stream_generate(model, prompt, 2, temperature=0, repetition_penalty=2.0, stop_ids=[3])) == [3]
 
 
+def test_a_penalty_on_the_reply_alone_lets_it_repeat_the_prompt_but_not_itself():
+    model = BigramLM(4)
+    with torch.no_grad():
+        model.table.weight.copy_(torch.tensor([[0.0, 2.0, 1.5, 0.0]]).expand(4, 4))  # after any token: 1, then 2
+    prompt = torch.tensor([[1, 0]])  # a name the conversation holds: id 1
+    assert generate(model, prompt, 1, temperature=0, repetition_penalty=2.0)[0, 2:].tolist() == [2]  # 2.0 ÷ 2
+    reply = generate(model, prompt, 2, temperature=0, repetition_penalty=2.0, penalize_prompt=False)[0, 2:]
+    assert reply.tolist() == [1, 2]  # the prompt's 1 is not counted; the reply's own 1 is: 1.0 < 1.5
+    streamed = stream_generate(model, prompt, 2, temperature=0, repetition_penalty=2.0, penalize_prompt=False)
+    assert list(streamed) == [1, 2]
+
+
 def test_greedy_is_argmax_and_top_k_1_is_greedy():
     torch.manual_seed(0)
     logits = torch.randn(8, 30)

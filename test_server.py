@@ -227,3 +227,20 @@ def test_concurrent_openai_requests_equal_sequential_ones(base_api, chat_api):
     with ThreadPoolExecutor(len(calls)) as pool:
         together = list(pool.map(lambda call: call(), calls))
     assert together == alone and len(set(alone)) == len(alone)
+
+
+def test_a_chat_answers_penalty_counts_its_own_tokens_a_completions_the_prompt_too(tmp_path, monkeypatch):
+    asked = []
+
+    def stream_text(model, tok, prompt, max_new_tokens, **rules):
+        asked.append((rules["repetition_penalty"], rules["penalize_prompt"]))
+        yield "x"
+        return "stop", 1
+
+    monkeypatch.setattr(server, "stream_text", stream_text)
+    client = TestClient(server.create_app(scripted_chat_run(tmp_path / "chat")))
+    chat = client.post("/v1/chat/completions", json={"model": "chat", "repetition_penalty": 1.3,
+                                                     "messages": [{"role": "user", "content": "hi"}]})
+    text = client.post("/v1/completions", json={"model": "chat", "prompt": "hi", "repetition_penalty": 1.3})
+    assert (chat.status_code, text.status_code) == (200, 200)
+    assert asked == [(1.3, False), (1.3, True)]
