@@ -457,12 +457,12 @@ def parse_flags(build_parser, argv):
     A --config FILE stands for its flags, as if typed before the others (so a typed flag wins).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    build_parser().parse_args(argv)  # --help first: the typed-only parser has no defaults to print
+    args = vars(build_parser().parse_args(argv))  # the full parser first: it prints --help with the defaults
     typed = vars(build_parser(suppress=True).parse_args(argv))
     if "config" in typed:
         argv = config_file_words(typed["config"], build_parser(), typed) + argv
-    args = vars(build_parser().parse_args(argv))
-    typed = vars(build_parser(suppress=True).parse_args(argv))
+        args = vars(build_parser().parse_args(argv))
+        typed = vars(build_parser(suppress=True).parse_args(argv))
     for settings in (args, typed):  # a run records the flags the file stood for, not the file
         settings.pop("config", None)
     typed.pop("overwrite", None)
