@@ -100,13 +100,17 @@ def zero_shot(base_dir, tok):
     return finetune.grow_vocab(model, tok.vocab_size).eval()
 
 
+def evenly_spaced(items, n):
+    """Up to n of `items` at even steps from first to last, so that every file of a language is drawn from."""
+    return [items[i * len(items) // n] for i in range(n)] if len(items) > n else list(items)
+
+
 def reply_rates(model, tok, chats, n_per_lang, penalty=1.0):
     """{lang: {"n", "ends", "no_role", "language"}} over the first reply of up to n held-out conversations each,
     evenly spaced through the held-out ones, plus one transcript per language."""
     rates = {}
     for lang in finetune.LANGS:
-        pool = [m for m in chats if language_of(m) == lang]
-        picked = pool[::max(1, len(pool) // n_per_lang)][:n_per_lang]  # spread over every file of the language
+        picked = evenly_spaced([m for m in chats if language_of(m) == lang], n_per_lang)
         ends = no_role = same = 0
         for k, messages in enumerate(picked):
             prompt = messages[:next(i for i, m in enumerate(messages) if m["role"] == "assistant")]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import bench_chat
 import evaluate
 import finetune
 import sample
@@ -159,6 +160,14 @@ def test_max_chats_takes_one_count_per_file(tmp_path):
     assert train == every[:2] + every[9:14] and [m[0]["content"][0] for m in train] == ["a"] * 2 + ["b"] * 5
     assert held == every_held  # the held-out part does not depend on the cut
     assert finetune.load_chats({**args, "max_chats": 4})[0] == finetune.load_chats({**args, "max_chats": [4, 4]})[0]
+
+
+def test_the_reply_benchmark_draws_from_every_file_of_a_language():
+    # the README's English held-out set: 201 chit-chat conversations, then 55 instructions (21.5 % of 256)
+    picked = bench_chat.evenly_spaced(list(range(256)), 100)
+    assert len(set(picked)) == 100 and picked[0] == 0 and picked[-1] == 253  # 99 * 256 // 100
+    assert sum(i >= 201 for i in picked) == 21  # i * 256 >= 20,100 from i = 79 on
+    assert bench_chat.evenly_spaced([1, 2], 100) == [1, 2]
 
 
 def test_lora_takes_its_own_learning_rate_unless_one_is_typed(base_run, tmp_path):
