@@ -71,3 +71,14 @@ def test_compiled_greedy_output_equals_the_eager_output(monkeypatch):
     assert torch.equal(generate(compiled, other, 9, temperature=0), generate(eager, other, 9, temperature=0))
     # the static KV cache: one graph served every position, both windows and both calls, with no recompilation
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_one_row_linear_computes_f_linear_and_leaves_more_rows_to_it():
+    torch.manual_seed(4)
+    layer = torch.nn.Linear(128, 384)  # the llama preset's qkv width, with a bias
+    one, two = torch.randn(1, 1, 128), torch.randn(2, 1, 128)
+    with sample.OneRowLinear():
+        got_one, got_two, no_bias = layer(one), layer(two), torch.nn.functional.linear(one, layer.weight)
+    torch.testing.assert_close(got_one, one @ layer.weight.T + layer.bias, rtol=0, atol=1e-5)
+    torch.testing.assert_close(no_bias, one @ layer.weight.T, rtol=0, atol=1e-5)
+    assert got_one.shape == (1, 1, 384) and torch.equal(got_two, layer(two))  # two rows: F.linear's own result
