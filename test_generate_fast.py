@@ -4,7 +4,9 @@ import dataclasses
 import pytest
 import torch
 import torch._inductor.config
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
+from torch.overrides import TorchFunctionMode
 
 import sample
 from sample import compile_for_generation, generate
@@ -73,12 +75,27 @@ def test_compiled_greedy_output_equals_the_eager_output(monkeypatch):
     assert counters["stats"]["unique_graphs"] == 1
 
 
-def test_one_row_linear_computes_f_linear_and_leaves_more_rows_to_it():
+class Calls(TorchFunctionMode):
+    """Records every torch function that reaches it: entered below OneRowLinear, what that mode passes on."""
+
+    def __init__(self):
+        super().__init__()
+        self.funcs = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.funcs.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_one_row_linear_computes_f_linear_as_a_product_and_a_sum_and_leaves_more_rows_to_it():
     torch.manual_seed(4)
     layer = torch.nn.Linear(128, 384)  # the llama preset's qkv width, with a bias
     one, two = torch.randn(1, 1, 128), torch.randn(2, 1, 128)
-    with sample.OneRowLinear():
-        got_one, got_two, no_bias = layer(one), layer(two), torch.nn.functional.linear(one, layer.weight)
+    with Calls() as seen_one, sample.OneRowLinear():
+        got_one, no_bias = layer(one), F.linear(one, layer.weight)
+    with Calls() as seen_two, sample.OneRowLinear():
+        got_two = layer(two)
+    assert F.linear not in seen_one.funcs and F.linear in seen_two.funcs
     torch.testing.assert_close(got_one, one @ layer.weight.T + layer.bias, rtol=0, atol=1e-5)
     torch.testing.assert_close(no_bias, one @ layer.weight.T, rtol=0, atol=1e-5)
     assert got_one.shape == (1, 1, 384) and torch.equal(got_two, layer(two))  # two rows: F.linear's own result
