@@ -55,8 +55,8 @@ FINETUNE_DEFAULTS = {"steps": 1300, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 
 # 3e-2 diverges (6.22 at step 200 against 4.85); on README §11's 8,192-piece recipe 7e-3, 1e-2 and 1.5e-2 end within
 # 3 % of each other (5.13, 5.17, 5.25). Used when --lora-rank is given and --lr / --min-lr are not.
 LORA_DEFAULTS = {"lr": 1e-2, "min_lr": 1e-3}
-RUN_FLAGS = ("base", "data", "synthetic", "max_chats", "heldout", "seed", "from_scratch", "lora_rank",
-             "lora_alpha", "lora_dropout", "lora_targets")  # fixed for a run's life
+RUN_FLAGS = ("base", "data", "synthetic", "max_chats", "reply_lines", "heldout", "seed", "from_scratch",
+             "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")  # fixed for a run's life
 
 
 def build_parser(suppress=False):
@@ -74,6 +74,10 @@ def build_parser(suppress=False):
     run.add_argument("--max-chats", type=int, nargs="+", default=s([0]), metavar="N", help="train on at most N "
                      "conversations of each file, drawn by --seed: balances large and small files; one N for "
                      "every file or one per --data file, in order (default: 0, all)")
+    run.add_argument("--reply-lines", type=int, nargs="+", default=s([0]), metavar="N", help="cut each training "
+                     "reply of a file to its first N non-empty lines (held-out replies stay whole): for chat logs "
+                     "whose turns join several messages; one N for every file or one per --data file "
+                     "(default: 0, whole replies)")
     run.add_argument("--heldout", type=float, default=s(0.05), help="fraction of each file's conversations held "
                      "out to measure the assistant loss on (default: %(default)s)")
     run.add_argument("--out", default=s(None), help="run directory to write (default: out/chat)")
@@ -108,7 +112,7 @@ def resolve_args(argv):
     args, typed, overwrite = parse_flags(build_parser, argv)
     if args["resume"]:
         run_dir = ckpt.resolve_run_dir(args["resume"])
-        saved = ckpt.read_config(run_dir)["args"]
+        saved = {"reply_lines": [0], **ckpt.read_config(run_dir)["args"]}  # a run from before --reply-lines
         for name in RUN_FLAGS:
             if name in typed and typed[name] != saved[name]:
                 raise ValueError(f"{flag(name)} {typed[name]} differs from the run's {saved[name]}: --resume "
@@ -124,12 +128,13 @@ def resolve_args(argv):
     if args["lora_rank"] and args["weight_decay"]:
         raise ValueError("--weight-decay with --lora-rank would also shrink the base's embedding rows, which LoRA "
                          "keeps fixed: use --weight-decay 0")
-    if not 0 <= args["heldout"] < 1 or args["synthetic"] < 0 or min(args["max_chats"]) < 0:
-        raise ValueError(f"need 0 <= --heldout < 1, --synthetic >= 0 and --max-chats >= 0, got {args['heldout']}, "
-                         f"{args['synthetic']}, {args['max_chats']}")
-    if len(args["max_chats"]) not in (1, len(args["data"])):
-        raise ValueError(f"--max-chats takes one count for every file or one per file: {len(args['max_chats'])} "
-                         f"counts for {len(args['data'])} --data files")
+    if not 0 <= args["heldout"] < 1 or min(args["synthetic"], *args["max_chats"], *args["reply_lines"]) < 0:
+        raise ValueError(f"need 0 <= --heldout < 1 and --synthetic, --max-chats, --reply-lines >= 0, got "
+                         f"{args['heldout']}, {args['synthetic']}, {args['max_chats']}, {args['reply_lines']}")
+    for name in ("max_chats", "reply_lines"):
+        if len(args[name]) not in (1, len(args["data"])):
+            raise ValueError(f"{flag(name)} takes one count for every file or one per file: {len(args[name])} "
+                             f"counts for {len(args['data'])} --data files")
     if args["lora_rank"]:
         args.update({name: value for name, value in LORA_DEFAULTS.items() if name not in typed})
     if args["max_time"] and "steps" not in typed:
@@ -212,16 +217,27 @@ def split(chats, fraction):
     return chats[n_held:], chats[:n_held]
 
 
+def first_lines(messages, n):
+    """The conversation with each assistant reply cut to its first n non-empty lines (n = 0: whole)."""
+    def cut(text):
+        return "\n".join([line for line in text.split("\n") if line.strip()][:n])
+    return [{**m, "content": cut(m["content"])} if n and m["role"] == "assistant" else m for m in messages]
+
+
 def load_chats(args):
     """(train, held_out) conversations: each file's shuffled by --seed and split, its training part cut to
-    its --max-chats count, so that every source is represented in both parts; then the --synthetic set, split too."""
-    counts = args["max_chats"] if isinstance(args["max_chats"], list) else [args["max_chats"]]  # an int: older runs
+    its --max-chats count and its training replies to --reply-lines, so that every source is represented in both
+    parts; then the --synthetic set, split too."""
+    def of_file(values, k):  # one value for every file, or one per file; an int in older runs
+        values = values if isinstance(values, list) else [values]
+        return values[k if len(values) > 1 else 0]
     parts = []
     for k, path in enumerate(args["data"]):
         chats = read_chats(path)
         random.Random(f"{args['seed']}/{k}").shuffle(chats)
         train, held_out = split(chats, args["heldout"])
-        parts.append((train[:counts[k if len(counts) > 1 else 0] or None], held_out))
+        lines = of_file(args.get("reply_lines", 0), k)  # runs from before --reply-lines kept whole replies
+        parts.append(([first_lines(m, lines) for m in train[:of_file(args["max_chats"], k) or None]], held_out))
     parts.append(split(synthetic_chats(args["synthetic"], args["seed"]), args["heldout"]))  # drawn at random
     return [m for train, _ in parts for m in train], [m for _, held_out in parts for m in held_out]
 

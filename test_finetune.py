@@ -162,6 +162,28 @@ def test_max_chats_takes_one_count_per_file(tmp_path):
     assert finetune.load_chats({**args, "max_chats": 4})[0] == finetune.load_chats({**args, "max_chats": [4, 4]})[0]
 
 
+def test_reply_lines_cut_the_training_replies_of_their_file_only(tmp_path):
+    files = []
+    for name in ("a", "b"):  # replies of several messages, as a chat log joins them; one with a blank line
+        files.append(tmp_path / f"{name}.jsonl")
+        files[-1].write_text("".join(json.dumps({"messages": [
+            {"role": "user", "content": f"{name}{i}?\nAnyone?"},
+            {"role": "assistant", "content": "Yes.\n\nNo.\nMaybe."},
+            {"role": "user", "content": "Well?"}, {"role": "assistant", "content": f"{name}{i}"}]}) + "\n"
+            for i in range(10)), encoding="utf-8")
+    args = {"data": files, "synthetic": 0, "heldout": 0.2, "seed": 3, "max_chats": [0]}
+    whole, whole_held = finetune.load_chats(args)
+    cut, held = finetune.load_chats({**args, "reply_lines": [2, 0]})  # 8 of a, then 8 of b; 2 of each held out
+    assert held == whole_held and all(m[1]["content"] == "Yes.\n\nNo.\nMaybe." for m in held)
+    assert cut[8:] == whole[8:]  # b: 0 keeps every reply whole
+    for short, long in zip(cut[:8], whole[:8]):
+        assert [m["role"] for m in short] == [m["role"] for m in long]
+        assert [short[0], short[2], short[3]] == [long[0], long[2], long[3]]  # user turns and one-line replies kept
+        assert short[1]["content"] == "Yes.\nNo."  # the first two non-empty lines
+    assert finetune.load_chats({**args, "reply_lines": [1]})[0][0][1]["content"] == "Yes."
+    assert finetune.load_chats(args) == finetune.load_chats({**args, "reply_lines": [0]})  # older runs: whole
+
+
 def test_the_reply_benchmark_draws_from_every_file_of_a_language():
     # the README's English held-out set: 201 chit-chat conversations, then 55 instructions (21.5 % of 256)
     picked = bench_chat.evenly_spaced(list(range(256)), 100)
@@ -204,6 +226,8 @@ def test_bad_input_exits_2_with_one_line(base_run, tmp_path, monkeypatch, capsys
         (base + [good, "--lora-rank", "-1"], "--lora-rank must be 0"),
         (base + [good, "--threads", "-2"], "--threads -2: give a number of threads"),
         (base + [good, "--max-chats", "1", "2"], "one count for every file or one per file: 2 counts for 1"),
+        (base + [good, "--reply-lines", "1", "0"], "--reply-lines takes one count for every file or one per file"),
+        (base + [good, "--reply-lines", "-1"], "--reply-lines >= 0, got 0.05, 0, [0], [-1]"),
         (base + [good, "--lora-rank", "4", "--lora-targets", "nothing"], "no Linear layer matches"),
         (["bigram", "--out", "chat", "--data", good], "bigram run"),
     ]
