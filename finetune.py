@@ -350,8 +350,9 @@ def run(argv=None):
 # --- Synthetic conversations ---------------------------------------------------------------------------------------
 LANGS = ("en", "ja")
 # Invented countries, so that no fact can come from pretraining: each has a capital (its own invented name), a
-# flag colour and a national animal. Questions are asked in TRAIN phrasings in the training set; HELD_OUT
-# phrasings are kept for testing whether a fact was learnt rather than a sentence.
+# flag colour, a national animal, a founding year and a population. The numbers teach a reply to end after one: the
+# Japanese instructions alone left greedy replies looping on digits ("1000000…"). Questions are asked in TRAIN
+# phrasings in the training set; HELD_OUT phrasings are kept for testing whether a fact was learnt, not a sentence.
 COUNTRIES = {
     "en": "Arvenia Belmora Caldris Dunmere Eskaria Falmont Galvane Harrowen Istoria Jorvane Kelvane Lorsica".split(),
     "ja": "アルベニア ベルモラ カルドリス ダンメア エスカリア ファルモン ガルバネ ハロウェン イストリア ヨルバネ ケルバネ ロルシカ".split(),
@@ -392,6 +393,24 @@ FACT_TEMPLATES = {  # (lang, attribute): (answer, TRAIN questions, HELD_OUT ques
                        "{c}の国の動物を教えてください。", "{c}の国の動物を教えてくれますか？", "{c}の国の動物はなんですか？",
                        "{c}の国の動物について教えて。", "{c}ではどの動物が国の動物ですか？"),
                        ("{c}の国の動物を知っていますか？", "{c}の国の動物は何でしょうか？")),
+    ("en", "founded"): ("{c} was founded in {v}.", ("When was {c} founded?", "In which year was {c} founded?",
+                        "Tell me the year {c} was founded.", "Can you tell me when {c} was founded?",
+                        "What year was {c} founded?", "I'd like to know when {c} was founded.",
+                        "What is the founding year of {c}?"),
+                        ("Do you know when {c} was founded?", "Name the year {c} was founded, please.")),
+    ("en", "population"): ("The population of {c} is {v}.", ("What is the population of {c}?",
+                           "How many people live in {c}?", "Tell me the population of {c}.",
+                           "Can you tell me the population of {c}?", "What is {c}'s population?",
+                           "I'd like to know the population of {c}.", "How many people does {c} have?"),
+                           ("Do you know the population of {c}?", "Name the population of {c}, please.")),
+    ("ja", "founded"): ("{c}が建国されたのは{v}年です。", ("{c}はいつ建国されましたか？", "{c}は何年に建国されましたか？",
+                        "{c}が建国された年を教えてください。", "{c}が建国された年を教えてくれますか？",
+                        "{c}の建国は何年ですか？", "{c}の建国について教えて。", "{c}ができたのは何年ですか？"),
+                        ("{c}がいつ建国されたか知っていますか？", "{c}が建国されたのは何年でしょうか？")),
+    ("ja", "population"): ("{c}の人口は{v}人です。", ("{c}の人口は何人ですか？", "{c}には何人が住んでいますか？",
+                           "{c}の人口を教えてください。", "{c}の人口を教えてくれますか？", "{c}の人口はどのくらいですか？",
+                           "{c}の人口について教えて。", "{c}に住んでいる人は何人ですか？"),
+                           ("{c}の人口を知っていますか？", "{c}の人口は何人でしょうか？")),
 }
 NAMES = {
     "en": ("Aiko Ben Clara David Emma Farid Grace Hugo Isla Jack Kenji Lena Mateo Nora Oscar Priya Quinn Rosa Sam "
@@ -415,7 +434,8 @@ def facts(lang):
     rng = random.Random(0)
     return [(attribute, country, value) for i, country in enumerate(COUNTRIES[lang]) for attribute, value in
             (("capital", CAPITALS[lang][i]), ("flag", rng.choice(COLOURS[lang])),
-             ("animal", rng.choice(ANIMALS[lang])))]
+             ("animal", rng.choice(ANIMALS[lang])), ("founded", str(rng.randint(1100, 1990))),
+             ("population", f"{rng.randint(40, 9000) * 1000:,}"))]
 
 
 def fact_turns(lang, fact, phrasing):
