@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import math
+import resource
 
 import pytest
 import torch
@@ -190,6 +191,24 @@ def test_an_inf_gradient_stops_before_the_update(grad_clip):
     with pytest.raises(TrainingDiverged, match="gradient norm became inf at step 4"):
         train_loop(model, make_optimizer(model, cfg), cfg, lambda: (x, x), [(x, x)], save=save)
     assert saves == [3] and torch.equal(model.table.weight, weights[0])
+
+
+def test_freed_activations_keep_their_pages():
+    """A step's pattern: many blocks of ~1 MiB (sizes differ) allocated, written, freed, again. glibc's default gives
+    each back to the kernel and faults every page in again (measured: ~100 % of the pages touched); kept, ~0 %."""
+    if not training_loop.keep_freed_memory():
+        pytest.skip("glibc's malloc only")
+
+    def one_step():
+        held = [torch.ones((1 << 18) + 1000 * i) for i in range(16)]  # 16 × ~1 MiB, every page written
+        del held
+
+    one_step()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        one_step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < 0.05 * 20 * 16 * 256  # of 81,920 pages touched
 
 
 def test_read_metrics_drops_only_a_torn_last_row(tmp_path):

@@ -17,6 +17,7 @@ scaled to the batch, and estimates of a run's FLOPs, memory and time.
 Run the demo: `python training_loop.py` (a bigram model on a toy text).
 """
 import contextlib
+import ctypes
 import dataclasses
 import importlib.util
 import json
@@ -37,6 +38,7 @@ from dataset import default_workers
 from muon import Muon, param_groups
 
 PLOT_SECONDS = 60  # loss.png is redrawn at most this often while training (and always at the end)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 class BlockDataset(torch.utils.data.Dataset):
@@ -93,6 +95,18 @@ def epoch_batches(data, block_size, batch_size, seed=0, rank=0, world=1, start=0
         yield from torch.utils.data.DataLoader(torch.utils.data.Subset(blocks, shard), batch_size=batch_size,
                                                num_workers=workers, generator=generator)
         epoch, skip = epoch + 1, 0
+
+
+def keep_freed_memory():
+    """Have glibc's malloc keep what a training step frees for the next (Linux glibc; True when it applied): by
+    default each freed block over 128 KiB goes back to the kernel and is faulted in again, zero-filled, ~1,000 faults
+    a step in the gpt recipe (its step alone is 2–7 % faster without). Blocks up to 32 MiB (glibc's most) now come
+    from the heap, given back only past 1 GiB free, as preloading jemalloc would do."""
+    try:
+        libc = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+    except OSError:  # a libc other than glibc (musl)
+        libc = None
+    return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 @dataclass
@@ -294,6 +308,7 @@ def train_loop(model, optimizer, cfg, next_batch, val_batches, *, state=None, ru
     are the same in a resumed run and differ between ranks, with no generator state to save. `clock` measures
     training time (tests fake it)."""
     state = state or LoopState()
+    keep_freed_memory()
     if cfg.dtype == "auto":  # a TrainConfig made in code: the device decides, as on the command line
         cfg = dataclasses.replace(cfg, dtype=choose_precision(device_type, *device_capabilities(device_type))[0])
     scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
