@@ -135,12 +135,13 @@ def probe_rates(model, tok, n_names=100, penalty=1.0):
 
 
 def trainable_share(config):
-    """The share of a run's parameters that its fine-tuning trained (LoRA: the adapters and the chat-token rows)."""
+    """The share of a run's parameters that its fine-tuning trained (LoRA: the adapters and the trained rows)."""
     model, args = build_model(config["model"]), config["args"]
     if not args["lora_rank"]:
         return 1.0
-    total = model.num_params()
-    return finetune.add_adapters(model, args, model.config.vocab_size - len(CHAT_TOKENS)) / total
+    total, n_old = model.num_params(), model.config.vocab_size - len(CHAT_TOKENS)
+    rows = torch.arange(n_old - args.get("lora_rows", 0), model.config.vocab_size)  # which rows: no matter to a count
+    return finetune.add_adapters(model, args, rows) / total
 
 
 def run_facts(run_dir):

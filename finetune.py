@@ -56,7 +56,7 @@ FINETUNE_DEFAULTS = {"steps": 1300, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 
 # 3 % of each other (5.13, 5.17, 5.25). Used when --lora-rank is given and --lr / --min-lr are not.
 LORA_DEFAULTS = {"lr": 1e-2, "min_lr": 1e-3}
 RUN_FLAGS = ("base", "data", "synthetic", "max_chats", "reply_lines", "heldout", "seed", "from_scratch",
-             "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")  # fixed for a run's life
+             "lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_rows")  # fixed for a run's life
 
 
 def build_parser(suppress=False):
@@ -103,6 +103,9 @@ def build_parser(suppress=False):
                       "(default: %(default)s)")
     lora.add_argument("--lora-targets", nargs="+", default=s(["qkv", "out_proj"]), metavar="NAME",
                       help="Linear layers to adapt, by name (default: %(default)s)")
+    lora.add_argument("--lora-rows", type=int, default=s(0), metavar="N", help="also train the embedding rows (tied: "
+                      "the head's too) of the N tokens most frequent in the training conversations; the chat "
+                      "tokens' rows always train (default: %(default)s)")
     add_dataclass_flags(p.add_argument_group("training"), TrainConfig, FINETUNE_DEFAULTS, suppress)
     return p
 
@@ -112,7 +115,7 @@ def resolve_args(argv):
     args, typed, overwrite = parse_flags(build_parser, argv)
     if args["resume"]:
         run_dir = ckpt.resolve_run_dir(args["resume"])
-        saved = {"reply_lines": [0], **ckpt.read_config(run_dir)["args"]}  # a run from before --reply-lines
+        saved = {"reply_lines": [0], "lora_rows": 0, **ckpt.read_config(run_dir)["args"]}  # older runs' defaults
         for name in RUN_FLAGS:
             if name in typed and typed[name] != saved[name]:
                 raise ValueError(f"{flag(name)} {typed[name]} differs from the run's {saved[name]}: --resume "
@@ -125,6 +128,9 @@ def resolve_args(argv):
         raise ValueError("no conversations: give --data FILE [FILE ...] and/or --synthetic N")
     if args["lora_rank"] < 0:
         raise ValueError(f"--lora-rank must be 0 (full fine-tuning) or a positive rank, got {args['lora_rank']}")
+    if args["lora_rows"] < 0 or (args["lora_rows"] and not args["lora_rank"]):
+        raise ValueError(f"--lora-rows {args['lora_rows']}: give N >= 0 with a --lora-rank (full fine-tuning "
+                         f"trains every row)")
     if args["lora_rank"] and args["weight_decay"]:
         raise ValueError("--weight-decay with --lora-rank would also shrink the base's embedding rows, which LoRA "
                          "keeps fixed: use --weight-decay 0")
@@ -179,20 +185,28 @@ def grow_vocab(model, vocab_size):
     return grown
 
 
-def add_adapters(model, args, n_old):
-    """LoRA on `args["lora_targets"]`, every base weight frozen but the new chat-token rows.
+def trained_rows(x, n_old, vocab_size, k):
+    """The rows a LoRA run trains: the k old tokens most frequent in the training blocks x (ties: the lower id first),
+    then the chat tokens' (n_old …). x [[5, 5, 2, 7, 2, 5]], n_old 8, vocab_size 12, k 2 -> [5, 2, 8, 9, 10, 11]."""
+    counts = torch.bincount(x.flatten(), minlength=vocab_size)[:n_old]
+    return torch.cat([torch.argsort(counts, descending=True, stable=True)[:k], torch.arange(n_old, vocab_size)])
 
-    The chat tokens' rows start equal (the mean): frozen, <|end|> and <|user|> would stay the same vector and
-    the same logit, so their rows train; a gradient hook zeroes the old rows' gradient, which with no weight
-    decay keeps them exactly the base's. Returns the number of trainable values.
-    """
+
+def add_adapters(model, args, rows):
+    """LoRA on `args["lora_targets"]`, every base weight frozen but the embedding rows `rows` (ids, 1-D).
+
+    The chat tokens' rows start equal (the mean): frozen, <|end|> and <|user|> would stay the same vector and the
+    same logit, so they always train; frequent tokens' rows (--lora-rows) let the tied embedding and head adapt,
+    which adapters in the blocks cannot (README §11). A gradient hook zeroes every other row's gradient, which with
+    no weight decay keeps them exactly the base's. Returns the number of trainable values."""
     add_lora(model, rank=args["lora_rank"], alpha=args["lora_alpha"], dropout=args["lora_dropout"],
              targets=tuple(args["lora_targets"]))
-    rows = model.embed.tok.weight
-    rows.requires_grad_(True)
-    rows.register_hook(lambda grad: torch.cat([torch.zeros_like(grad[:n_old]), grad[n_old:]]))  # (V', C)
+    weight = model.embed.tok.weight
+    weight.requires_grad_(True)
+    keep = torch.isin(torch.arange(len(weight)), rows)[:, None]  # (V', 1)
+    weight.register_hook(lambda grad: grad.where(keep.to(grad.device), 0.0))  # (V', C)
     adapters = sum(m.lora_A.numel() + m.lora_B.numel() for m in lora_modules(model).values())
-    return adapters + (len(rows) - n_old) * rows.shape[1]
+    return adapters + int(keep.sum()) * weight.shape[1]
 
 
 def merged_weights(run_dir):
@@ -283,20 +297,21 @@ def heldout_batches(x, y, batch_size, n_batches, device):
 # --- The run -----------------------------------------------------------------------------------------------------
 
 def prepare(args, device):
-    """The model to train (grown, maybe with adapters), its tokenizer, the base's config and a note on it."""
+    """The model to train (grown by the chat tokens), its tokenizer, the base's config and the base's vocab size."""
     model, tok, base_config = load_base(args["base"], device)
-    n_old = tok.vocab_size
-    tok = add_chat_tokens(tok)
+    n_old, tok = tok.vocab_size, add_chat_tokens(tok)
     if args["from_scratch"]:
         model = Transformer(model.config)  # the same shape, random weights
-    model = grow_vocab(model, tok.vocab_size)
+    return grow_vocab(model, tok.vocab_size), tok, base_config, n_old
+
+
+def adapt(model, args, n_old, x):
+    """A LoRA run's adapters on `model` (its rows drawn from the training blocks x); a note on what trains."""
     total = model.num_params()
-    if args["lora_rank"]:
-        trainable = add_adapters(model, args, n_old)
-        note = f"LoRA rank {args['lora_rank']}: {trainable:,} of {total:,} values trained ({trainable / total:.2%})"
-    else:
-        note = f"full fine-tuning: {total:,} parameters"
-    return model, tok, base_config, note
+    if not args["lora_rank"]:
+        return f"full fine-tuning: {total:,} parameters"
+    trainable = add_adapters(model, args, trained_rows(x, n_old, model.config.vocab_size, args["lora_rows"]))
+    return f"LoRA rank {args['lora_rank']}: {trainable:,} of {total:,} values trained ({trainable / total:.2%})"
 
 
 def run(argv=None):
@@ -312,13 +327,14 @@ def run(argv=None):
         for record in ckpt.read_config(run_dir)["chat_data"]:
             if file_record(record["path"])["sha256"] != record["sha256"]:
                 raise ValueError(f"{record['path']} changed since the run began: restore it, or start a new run")
-    model, tok, base_config, note = prepare(args, "cpu")
+    model, tok, base_config, n_old = prepare(args, "cpu")
     block_size = model.config.block_size
     if tcfg.lr_scaling != "none":  # the defaults were measured at FINETUNE_DEFAULTS' batch of whole blocks
         tcfg.lr, tcfg.min_lr = scaled_lr(tcfg, tcfg.batch_size * tcfg.grad_accum * block_size,
                                          FINETUNE_DEFAULTS["batch_size"] * block_size)
     train_chats, held_out = load_chats(args)
     x, y = target_blocks(tok, train_chats, block_size)
+    note = adapt(model, args, n_old, x)
     val_set = heldout_batches(*target_blocks(tok, held_out or train_chats, block_size), tcfg.batch_size,
                               tcfg.eval_iters, device)
     model.to(device)

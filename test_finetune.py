@@ -1,5 +1,6 @@
 """Tests for finetune.py (stage 25): the masked loss, the grown vocabulary, full and LoRA runs end to end,
 resume, the synthetic set, and bad input."""
+import collections
 import json
 import subprocess
 import sys
@@ -117,6 +118,33 @@ def test_a_finetune_writes_a_run_that_every_loader_accepts(base_run, tmp_path, m
         assert not torch.equal(tuned["blocks.0.ffn.fc.weight"], base["blocks.0.ffn.fc.weight"])
 
 
+def test_trained_rows_are_the_most_frequent_then_the_chat_tokens():
+    assert finetune.trained_rows(torch.tensor([[5, 5, 2, 7, 2, 5]]), 8, 12, 2).tolist() == [5, 2, 8, 9, 10, 11]
+    # counted by hand: 2 and 5 three times each (a tie: the lower id first), 1 and 7 once; 9 is a chat token
+    x = torch.tensor([[5, 5, 2, 7, 2, 5], [1, 9, 9, 9, 9, 2]])
+    assert finetune.trained_rows(x, 8, 12, 3).tolist() == [2, 5, 1, 8, 9, 10, 11]
+    assert finetune.trained_rows(x, 8, 12, 0).tolist() == [8, 9, 10, 11]
+
+
+def test_lora_rows_train_exactly_the_most_frequent_rows(base_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(base_run.parent)
+    out = tmp_path / "chat"
+    finetune_run(base_run, out, "--lora-rank", "4", "--lora-rows", "3")
+    _, tok, _ = finetune.load_base(base_run, "cpu")
+    chats, _ = finetune.load_chats({"data": [base_run.parent / "chats.jsonl"], "synthetic": 0, "max_chats": [0],
+                                    "reply_lines": [0], "heldout": 0.05, "seed": 1337})
+    x, _ = finetune.target_blocks(add_chat_tokens(tok), chats, 32)
+    counts = collections.Counter(i for i in x.flatten().tolist() if i < tok.vocab_size)
+    top3 = {i for i, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:3]}
+    base, tuned = load_file(base_run / "model.safetensors"), load_file(out / "model.safetensors")
+    V, C = base["embed.tok.weight"].shape
+    changed = {i for i in range(V) if not torch.equal(tuned["embed.tok.weight"][i], base["embed.tok.weight"][i])}
+    assert changed == top3
+    # qkv: A (4, C), B (3C, 4); attention's out_proj: A (4, C), B (C, 4); the feed-forward's: A (4, 4C), B (C, 4)
+    adapters = 4 * (C + 3 * C) + 4 * (C + C) + 4 * (4 * C + C)
+    assert f"LoRA rank 4: {adapters + (3 + 4) * C:,} of" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("rank", [0, 4])
 def test_resume_continues_exactly(base_run, tmp_path, monkeypatch, ctrl_c_at_batch, rank):
     """A fine-tuning interrupted at step 4 (Ctrl-C) and resumed matches an uninterrupted one."""
@@ -224,6 +252,8 @@ def test_bad_input_exits_2_with_one_line(base_run, tmp_path, monkeypatch, capsys
                                                                         {"role": "user", "content": "Yo"}]})],
          "order.jsonl:2: turn 1 is 'assistant' where 'user' was expected"),
         (base + [good, "--lora-rank", "-1"], "--lora-rank must be 0"),
+        (base + [good, "--lora-rows", "3"], "--lora-rows 3: give N >= 0 with a --lora-rank"),
+        (base + [good, "--lora-rank", "4", "--lora-rows", "-1"], "--lora-rows -1: give N >= 0"),
         (base + [good, "--threads", "-2"], "--threads -2: give a number of threads"),
         (base + [good, "--max-chats", "1", "2"], "one count for every file or one per file: 2 counts for 1"),
         (base + [good, "--reply-lines", "1", "0"], "--reply-lines takes one count for every file or one per file"),
