@@ -12,9 +12,12 @@ is given); this project never ships or builds their code.
     python bench_speed.py muon
     python bench_speed.py equal-time
     python bench_speed.py threads
+    python bench_speed.py profile --nanogpt ~/src/nanoGPT     # without --nanogpt: ours alone
 """
+import contextlib
 import dataclasses
 import importlib.util
+import io
 import json
 import math
 import os
@@ -33,18 +36,19 @@ from pathlib import Path
 import torch
 
 import evaluate
-from bench import (NANOGPT, NANOGPT_FLAGS, PRESET_RECIPES, main, median_time, print_table, run_child,
-                   run_side_by_side, steady_tokens_per_sec)
+from bench import (GPT_RECIPE, NANOGPT, NANOGPT_FLAGS, PRESET_RECIPES, main, matmul_peak_gflops, median_time,
+                   print_table, run_child, run_side_by_side, steady_tokens_per_sec)
 from bpe_tokenizer import BPETokenizer
 from char_tokenizer import CharTokenizer
 from chat_format import add_chat_tokens, chat_ids
 from checkpoint import WEIGHTS, load_run, model_config_dict, save_run_files, save_weights
 from export import export_gguf, export_llama2c
 from sample import compile_for_generation, generate
+from training_loop import TrainConfig, make_optimizer, memory_estimate, train_loop
 from transformer import PRESETS, Transformer
 
 BENCHES = {}
-PATHS = {"nanogpt": "a nanoGPT checkout with data/shakespeare_char prepared (speedrun)",
+PATHS = {"nanogpt": "a nanoGPT checkout (speedrun: with data/shakespeare_char prepared; profile)",
          "llama2c_run": "a run executable built from llama2.c's run.c (generate-c)"}
 
 TARGET = NANOGPT["val_loss"]  # nanoGPT's own final held-out loss on its CPU recipe, nats/char
@@ -349,6 +353,104 @@ def bench_threads(steps=60):
 
 
 BENCHES["threads"] = bench_threads
+
+
+# Where a step's time goes, by kernel family: torch.profiler's kernel names, matched in this order.
+KERNEL_FAMILIES = (("matrix products", ("aten::mm", "aten::addmm", "aten::bmm")),
+                   ("attention (PyTorch's kernel)", ("scaled_dot_product",)),
+                   ("GELU", ("aten::gelu",)), ("layer norm", ("layer_norm",)))
+
+
+def recipe_models(nanogpt):
+    """The gpt recipe's model (4 layers of 128, 64 positions, 65 characters) with its AdamW: ours, and nanoGPT's own
+    model and optimizer loaded from the reader's checkout when a path is given."""
+    torch.manual_seed(1337)
+    flags = dict(zip(GPT_RECIPE[::2], GPT_RECIPE[1::2]))
+    shape = {name: int(flags["--" + name.replace("_", "-")]) for name in ("n_layer", "n_head", "n_embd", "block_size")}
+    model = Transformer(dataclasses.replace(PRESETS["gpt"], vocab_size=65, dropout=0.0, **shape))
+    cfg = TrainConfig(lr=float(flags["--lr"]), weight_decay=float(flags["--weight-decay"]),
+                      beta2=float(flags["--beta2"]))
+    models = {"ours": (model, make_optimizer(model, cfg))}
+    if nanogpt and not (Path(nanogpt) / "model.py").exists():
+        print(f"{nanogpt}/model.py is missing: profiling ours alone")
+    elif nanogpt:
+        spec = importlib.util.spec_from_file_location("nanogpt_model", Path(nanogpt) / "model.py")
+        theirs = importlib.util.module_from_spec(spec)
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count and optimizer choice
+            spec.loader.exec_module(theirs)
+            model = theirs.GPT(theirs.GPTConfig(vocab_size=65, dropout=0.0, bias=False, **shape))
+            models["nanoGPT"] = (model, model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
+                                                                   "cpu"))
+    return models, shape["block_size"]
+
+
+def product_seconds(a_shape, b_shape, cold, repeats=20):
+    """Median seconds of one matrix product of these shapes, on contiguous operands made beforehand; cold: with the
+    core's caches flushed before each (a 16 MB write), as in a training step whose activations outgrow them."""
+    a, b, flush = torch.randn(a_shape), torch.randn(b_shape), torch.empty(4 << 20)
+    times = []
+    for _ in range(repeats):
+        if cold:
+            flush.fill_(0.0)
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_profile(nanogpt=None, steps=10, rounds=8):
+    """Where a step of nanoGPT's CPU recipe goes: kernel families, matrix-product speed, ours and nanoGPT's model."""
+    models, block = recipe_models(nanogpt)
+    x, y = torch.randint(0, 65, (2, 12, block))
+    cfg = TrainConfig(steps=steps, warmup_steps=0, eval_interval=steps, eval_iters=1)
+
+    def train(name):  # our training loop for both models: only the model and its optimizer differ
+        model, optimizer = models[name]
+        tiny = [(x[:1, :8], y[:1, :8])]  # the loop's closing evaluation: one short sequence, not to weigh in
+        return train_loop(model, optimizer, cfg, lambda: (x, y), tiny, is_main=False).elapsed / steps
+
+    times = {name: [] for name in models}
+    for name in models:
+        train(name)  # warm-up
+    for _ in range(rounds):  # alternating, so a slow moment of the machine falls on both
+        for name in models:
+            times[name].append(train(name))
+    shares = {}
+    for name in models:
+        with torch.profiler.profile(record_shapes=True) as prof:
+            train(name)
+        events = prof.key_averages(group_by_input_shape=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        shares[name] = {family: sum(e.self_cpu_time_total for e in events if any(k in e.key for k in keys)) / total
+                        for family, keys in KERNEL_FAMILIES}
+        shares[name]["AdamW (all of optimizer.step)"] = sum(e.cpu_time_total for e in events
+                                                            if e.key.startswith("Optimizer.step#")) / total
+        shares[name]["everything else"] = 1 - sum(shares[name].values())
+        if name == "ours":  # its matrix products by shape: (a, b, calls, seconds in all)
+            products = [(e.input_shapes[0], e.input_shapes[1], e.count, e.self_cpu_time_total / 1e6)
+                        for e in events if e.key == "aten::mm"]
+    flops = sum(2 * a[0] * a[1] * b[1] * n for a, b, n, _ in products)
+    inside = flops / sum(seconds for *_, seconds in products)
+    warm, cold = (flops / sum(n * product_seconds(a, b, flushed) for a, b, n, _ in products) for flushed in (0, 1))
+    ms = {name: 1000 * statistics.median(v) for name, v in times.items()}
+    print(f"gpt recipe, one step of 12 × {block} tokens in our training loop, {torch.get_num_threads()} thread(s); "
+          f"median of {rounds} × {steps} steps, alternating; shares from torch.profiler (self time)\n")
+    rows = [[family, *(f"{ms[name] * shares[name][family]:.1f} ({shares[name][family]:.0%})" for name in models)]
+            for family in shares["ours"]]
+    rows.append(["step, timed without the profiler", *(f"{ms[name]:.1f}" for name in models)])
+    print_table(["", *(f"{name}, ms a step (share)" for name in models)], rows)
+    print(f"\nmatrix products: {flops / 1e9 / steps:.2f} GFLOP a step, {inside / 1e9:.0f} GFLOP/s inside our step "
+          f"(profiled); the same shapes alone, contiguous: {warm / 1e9:.0f} GFLOP/s with warm caches, {cold / 1e9:.0f} "
+          f"with the caches flushed before each; this core's peak (1024 × 1024): {matmul_peak_gflops():.0f} GFLOP/s. "
+          f"A step keeps {memory_estimate(models['ours'][0], cfg, block, 'float32')['activations'] / 2 ** 20:.0f} MiB "
+          f"of activations for its backward pass")
+    if "nanoGPT" in models:
+        print(f"ours / nanoGPT: {ms['ours'] / ms['nanoGPT']:.3f}× the time a step")
+    else:
+        print("\nadd --nanogpt PATH (a nanoGPT checkout) to profile its model and optimizer beside ours")
+
+
+BENCHES["profile"] = bench_profile
 
 
 if __name__ == "__main__":
