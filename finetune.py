@@ -37,7 +37,7 @@ import checkpoint as ckpt
 from bpe_tokenizer import TOKENIZER_FILES
 from chat_format import add_chat_tokens, encode_chat, pack_chats, read_chats
 from checkpoint import add_dataclass_flags, flag, parse_flags, seed_everything
-from lora import add_lora, lora_modules, merge_lora, save_adapter
+from lora import add_lora, lora_modules, merge_lora, save_adapter, train_rows
 from training_loop import (LoopState, TrainConfig, choose_precision, device_capabilities, make_optimizer, restore,
                            run_command, saver, scaled_lr, train_loop)
 from transformer import Transformer
@@ -197,16 +197,11 @@ def add_adapters(model, args, rows):
 
     The chat tokens' rows start equal (the mean): frozen, <|end|> and <|user|> would stay the same vector and the
     same logit, so they always train; frequent tokens' rows (--lora-rows) let the tied embedding and head adapt,
-    which adapters in the blocks cannot (README §11). A gradient hook zeroes every other row's gradient, which with
-    no weight decay keeps them exactly the base's. Returns the number of trainable values."""
+    which adapters in the blocks cannot (README §11). Returns the number of trainable values."""
     add_lora(model, rank=args["lora_rank"], alpha=args["lora_alpha"], dropout=args["lora_dropout"],
              targets=tuple(args["lora_targets"]))
-    weight = model.embed.tok.weight
-    weight.requires_grad_(True)
-    keep = torch.isin(torch.arange(len(weight)), rows)[:, None]  # (V', 1)
-    weight.register_hook(lambda grad: grad.where(keep.to(grad.device), 0.0))  # (V', C)
     adapters = sum(m.lora_A.numel() + m.lora_B.numel() for m in lora_modules(model).values())
-    return adapters + int(keep.sum()) * weight.shape[1]
+    return adapters + train_rows(model, rows)
 
 
 def merged_weights(run_dir):

@@ -39,6 +39,8 @@ PEFT_PREFIX = "base_model.model."  # peft names a tensor by its module's path in
 # our module inside block i -> the Hugging Face module holding the same weight (export.py's names);
 # Llama's fused qkv is the one that splits, into q_proj, k_proj and v_proj (hf_parts)
 HF_BLOCKS = {"gpt2": "transformer.h", "llama": "model.layers"}
+HF_EMBEDDING = {"gpt2": "transformer.wte", "llama": "model.embed_tokens"}  # the token embedding's module
+TOKEN_VALUES = "token_adapter.trainable_tokens_delta"  # peft's trainable tokens: the rows' new values, not deltas
 HF_MODULES = {"gpt2": {"attn.qkv": "attn.c_attn", "attn.out_proj": "attn.c_proj", "ffn.fc": "mlp.c_fc",
                        "ffn.out_proj": "mlp.c_proj"},
               "llama": {"attn.out_proj": "self_attn.o_proj", "ffn.gate": "mlp.gate_proj", "ffn.up": "mlp.up_proj",
@@ -127,6 +129,22 @@ def merge_lora(model):
     return model
 
 
+def train_rows(model, rows):
+    """Let the token embedding rows `rows` (ids, 1-D) train beside the adapters, all others frozen: peft's
+    "trainable tokens". A gradient hook zeroes every other row's gradient, which with no weight decay keeps them
+    exactly the base's; with a tied head the rows are those tokens' logits too. save_adapter writes their values.
+    Returns the number of values that train."""
+    tok = model.embed.tok
+    rows = torch.unique(torch.as_tensor(rows, dtype=torch.long))  # sorted, as the adapter lists them
+    if not len(rows):
+        return 0
+    keep = torch.isin(torch.arange(len(tok.weight)), rows)[:, None]  # (V, 1)
+    tok.weight.requires_grad_(True)
+    tok.weight.register_hook(lambda grad: grad.where(keep.to(grad.device), 0.0))  # (V, C)
+    tok.trained_rows = rows
+    return len(rows) * tok.weight.shape[1]
+
+
 def trainable_parameters(model):
     """(trainable, total) parameter counts, a tied matrix counted once."""
     params = list(model.parameters())
@@ -135,14 +153,19 @@ def trainable_parameters(model):
 
 # --- The adapter files in peft's layout, on the names of the Hugging Face export -----------------------------
 
+def hf_layout(cfg):
+    """The Hugging Face names export.py gives a model: GPT-2's for pos="learned", else Llama's (Mixtral's too)."""
+    return "gpt2" if cfg.pos == "learned" else "llama"
+
+
 def hf_parts(cfg, name):
     """[(Hugging Face module name, rows of our weight it holds)] for our Linear `name`; ValueError if none.
 
-    pos="learned" models export as GPT-2, whose c_attn holds q, k and v fused as ours; the others as Llama
-    (Mixtral shares its attention names). hf_parts(llama cfg, "blocks.0.attn.qkv") ->
+    GPT-2's c_attn holds q, k and v fused as ours; Llama's splits them (Mixtral shares its attention names).
+    hf_parts(llama cfg, "blocks.0.attn.qkv") ->
     [("model.layers.0.self_attn.q_proj", rows 0:H·D), (… k_proj, H·D:(H+G)·D), (… v_proj, (H+G)·D:(H+2G)·D)].
     """
-    layout = "gpt2" if cfg.pos == "learned" else "llama"
+    layout = hf_layout(cfg)
     block = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
     if name == "head":
         return [("lm_head", slice(None))]
@@ -188,6 +211,21 @@ def peft_target_modules(cfg, linears, adapted):
     return sorted(adapted)
 
 
+def token_layers(model):
+    """{Hugging Face module: our weight} of the layers whose token rows an adapter carries: the token embedding,
+    and an untied head beside it (peft follows a tied head by itself)."""
+    layers = {HF_EMBEDDING[hf_layout(model.config)]: model.embed.tok.weight}
+    if model.head.weight is not model.embed.tok.weight:
+        layers["lm_head"] = model.head.weight
+    return layers
+
+
+def token_indices(model, rows):
+    """peft's trainable_token_indices for these rows: the list (the embedding's), or one per layer when untied."""
+    layers = token_layers(model)
+    return rows if len(layers) == 1 else {hf.rpartition(".")[2]: rows for hf in layers}
+
+
 def save_adapter(model, out_dir):
     """Write the adapters as adapter_config.json + adapter_model.safetensors in `out_dir`, the files peft's
     PeftModel.from_pretrained loads onto export_hf's directory of the base run. Returns the directory.
@@ -210,11 +248,15 @@ def save_adapter(model, out_dir):
             tensors[f"{PEFT_PREFIX}{hf}.lora_B.weight"] = lora_B[rows]  # (its rows, r)
     adapted = sorted({n[len(PEFT_PREFIX):].rpartition(".lora_")[0] for n in tensors})
     linears = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, LoRALinear))]
+    rows = getattr(model.embed.tok, "trained_rows", None)  # train_rows'
+    for hf, weight in token_layers(model).items() if rows is not None else ():  # in trainable_token_indices' order
+        tensors[f"{PEFT_PREFIX}{hf}.{TOKEN_VALUES}"] = weight[rows]
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": dropout,
               "target_modules": peft_target_modules(cfg, linears, adapted), "bias": "none",
               "fan_in_fan_out": cfg.pos == "learned",  # GPT-2's Conv1D stores its weight as (C_in, C_out)
               "init_lora_weights": True, "inference_mode": True, "modules_to_save": None, "use_rslora": False,
-              "use_dora": False, "base_model_name_or_path": None}
+              "use_dora": False, "base_model_name_or_path": None,
+              "trainable_token_indices": None if rows is None else token_indices(model, rows.tolist())}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {n: t.detach().float().contiguous().clone() for n, t in tensors.items()}  # safetensors refuses shared memory
@@ -271,6 +313,8 @@ def load_adapter(model, adapter_dir):
             adapter.lora_B.copy_(scale_query_rows(lora_B, query_factor(model, name), inverse=True))
         replace_module(model, name, adapter)
         used |= {f"{hf}.lora_{x}.weight" for hf, _ in parts for x in "AB"}
+    rows = load_rows(model, config, tensors, adapter_dir)
+    used |= {n for n in tensors if n.endswith(TOKEN_VALUES)} if rows is not None else set()
     unused = sorted(set(tensors) - used)
     if not used or unused:
         raise ValueError(f"{adapter_dir} holds adapters this model has no layer for: "
@@ -279,7 +323,33 @@ def load_adapter(model, adapter_dir):
     for m in lora_modules(model).values():
         m.lora_A.requires_grad_(True)
         m.lora_B.requires_grad_(True)
+    if rows is not None:
+        train_rows(model, rows)
     return model
+
+
+def load_rows(model, config, tensors, adapter_dir):
+    """Write an adapter's trainable tokens (peft's trainable_token_indices and their rows' values) into our token
+    embedding (and an untied head); returns the embedding's ids, or None when it has none."""
+    indices = config.get("trainable_token_indices")
+    if not indices:
+        return None
+    layers = token_layers(model)
+    wanted = {hf.rpartition(".")[2]: hf for hf in layers}  # peft's dict form keys a layer by its last name
+    per_layer = {next(iter(layers)): indices} if isinstance(indices, list) else {
+        wanted.get(key, key): ids for key, ids in indices.items()}
+    for hf, ids in per_layer.items():
+        name, weight = f"{hf}.{TOKEN_VALUES}", layers.get(hf)
+        if weight is None or name not in tensors:
+            raise ValueError(f"{adapter_dir} trains token rows of {hf}, which this model has no such layer for "
+                             f"(its are {', '.join(layers)})")
+        if max(ids) >= len(weight) or tensors[name].shape != (len(ids), weight.shape[1]):
+            raise ValueError(f"{adapter_dir} trains {len(ids)} rows of {hf} up to token {max(ids)}, width "
+                             f"{tensors[name].shape[-1]}; this model has {len(weight)} tokens of width "
+                             f"{weight.shape[1]}: load it onto the base grown by the same tokens (add_chat_tokens)")
+        with torch.no_grad():
+            weight[torch.tensor(ids)] = tensors[name].to(weight)
+    return torch.tensor(per_layer.get(next(iter(layers)), []))
 
 
 def _demo():

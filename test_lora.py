@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from char_tokenizer import CharTokenizer
 from export import export_hf
+from finetune import grow_vocab
 from lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRALinear, add_lora, load_adapter, lora_modules, matches,
-                  merge_lora, read_adapter, save_adapter, trainable_parameters)
+                  merge_lora, read_adapter, save_adapter, train_rows, trainable_parameters)
 from test_export import TEXT, make_run
 from transformer import PRESETS, Transformer
 
@@ -198,6 +199,42 @@ def test_we_load_an_adapter_peft_saved(tmp_path):
     idx = torch.randint(base.config.vocab_size, (2, 32))
     with torch.no_grad():
         assert (theirs.eval()(idx).logits - base(idx)[0]).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("case", ["gpt", "llama-learnable-scale-bias-untied"])
+def test_peft_puts_our_trained_token_rows_on_the_grown_export(tmp_path, case):
+    """A chat run's adapter: the base grows by new tokens, and beside the adapters some rows train, old and new.
+    peft must compute our logits on the base's export grown alike; we must read back ours and peft's own files."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    base, hf_dir = run_and_export(tmp_path, case)
+    V = base.config.vocab_size
+    model = randomise_adapters(add_lora(grow_vocab(base, V + 2).eval(), rank=4, alpha=8))
+    rows = torch.tensor([V + 1, 3, V, 0])
+    assert train_rows(model, rows) == 4 * model.config.n_embd
+    untied = model.head.weight is not model.embed.tok.weight
+    with torch.no_grad():  # as training would leave them; an untied head's rows ride along as they are
+        for weight in (model.embed.tok.weight, model.head.weight)[:1 + untied]:
+            weight[rows] = torch.randn(len(rows), weight.shape[1])
+    save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    ids = [0, 3, V, V + 1]
+    assert config["trainable_token_indices"] == ({"embed_tokens": ids, "lm_head": ids} if untied else ids)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    hf.resize_token_embeddings(V + 2)  # what a user does for the chat tokens, before peft puts the adapter on
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    idx = torch.tensor([[V, V + 1, 0, 3, 5, 7, V, 2, 1, 4]])
+    with torch.no_grad():
+        ours = model(idx)[0]
+        assert (theirs(idx).logits - ours).abs().max() <= 1e-4
+        assert (ours - grow_vocab(base, V + 2).eval()(idx)[0]).abs().max() > 0.1
+        theirs.save_pretrained(tmp_path / "theirs")
+        for adapter in ("adapter", "theirs"):
+            again = load_adapter(grow_vocab(base, V + 2).eval(), tmp_path / adapter)
+            assert (again(idx)[0] - ours).abs().max() <= 1e-5, adapter
+            assert again.embed.tok.weight.requires_grad and torch.equal(again.embed.tok.trained_rows, torch.tensor(ids))
+    with pytest.raises(ValueError, match=f"up to token {V + 1}"):
+        load_adapter(base, tmp_path / "adapter")  # not grown: the new tokens' rows have nowhere to go
 
 
 def test_save_load_round_trip(tmp_path):
