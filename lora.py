@@ -341,8 +341,8 @@ def load_rows(model, config, tensors, adapter_dir):
     for hf, ids in per_layer.items():
         name, weight = f"{hf}.{TOKEN_VALUES}", layers.get(hf)
         if weight is None or name not in tensors:
-            raise ValueError(f"{adapter_dir} trains token rows of {hf}, which this model has no such layer for "
-                             f"(its are {', '.join(layers)})")
+            raise ValueError(f"{adapter_dir} trains token rows of {hf}: this model has no such layer (it has "
+                             f"{', '.join(layers)})")
         if max(ids) >= len(weight) or tensors[name].shape != (len(ids), weight.shape[1]):
             raise ValueError(f"{adapter_dir} trains {len(ids)} rows of {hf} up to token {max(ids)}, width "
                              f"{tensors[name].shape[-1]}; this model has {len(weight)} tokens of width "
