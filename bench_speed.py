@@ -440,8 +440,9 @@ def bench_profile(nanogpt=None, steps=10, rounds=8):
     rows.append(["step, timed without the profiler", *(f"{ms[name]:.1f}" for name in models)])
     print_table(["", *(f"{name}, ms a step (share)" for name in models)], rows)
     print(f"\nmatrix products: {flops / 1e9 / steps:.2f} GFLOP a step, {inside / 1e9:.0f} GFLOP/s inside our step "
-          f"(profiled); the same shapes alone, contiguous: {warm / 1e9:.0f} GFLOP/s with warm caches, {cold / 1e9:.0f} "
-          f"with the caches flushed before each; this core's peak (1024 × 1024): {matmul_peak_gflops():.0f} GFLOP/s. "
+          f"(profiled); the same shapes alone, contiguous: {warm / 1e9:.0f} GFLOP/s with warm caches, "
+          f"{cold / 1e9:.0f} with the caches flushed before each; peak (1024 × 1024, these threads): "
+          f"{matmul_peak_gflops():.0f} GFLOP/s. "
           f"A step keeps {memory_estimate(models['ours'][0], cfg, block, 'float32')['activations'] / 2 ** 20:.0f} MiB "
           f"of activations for its backward pass")
     if "nanoGPT" in models:
