@@ -287,7 +287,7 @@ def load_adapter(model, adapter_dir):
     if lora_modules(model):
         raise ValueError("this model already has LoRA adapters: load the adapter onto the base model")
     rank, alpha, dropout = config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0)
-    used = set()
+    rows, used = load_rows(model, config, tensors, adapter_dir)  # first: an ungrown base is refused unchanged
     for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
         try:
             parts = hf_parts(model.config, name)
@@ -313,8 +313,6 @@ def load_adapter(model, adapter_dir):
             adapter.lora_B.copy_(scale_query_rows(lora_B, query_factor(model, name), inverse=True))
         replace_module(model, name, adapter)
         used |= {f"{hf}.lora_{x}.weight" for hf, _ in parts for x in "AB"}
-    rows = load_rows(model, config, tensors, adapter_dir)
-    used |= {n for n in tensors if n.endswith(TOKEN_VALUES)} if rows is not None else set()
     unused = sorted(set(tensors) - used)
     if not used or unused:
         raise ValueError(f"{adapter_dir} holds adapters this model has no layer for: "
@@ -330,10 +328,10 @@ def load_adapter(model, adapter_dir):
 
 def load_rows(model, config, tensors, adapter_dir):
     """Write an adapter's trainable tokens (peft's trainable_token_indices and their rows' values) into our token
-    embedding (and an untied head); returns the embedding's ids, or None when it has none."""
+    embedding (and an untied head); returns the embedding's ids (None when it has none) and the tensors read."""
     indices = config.get("trainable_token_indices")
     if not indices:
-        return None
+        return None, set()
     layers = token_layers(model)
     wanted = {hf.rpartition(".")[2]: hf for hf in layers}  # peft's dict form keys a layer by its last name
     per_layer = {next(iter(layers)): indices} if isinstance(indices, list) else {
@@ -349,7 +347,7 @@ def load_rows(model, config, tensors, adapter_dir):
                              f"{weight.shape[1]}: load it onto the base grown by the same tokens (add_chat_tokens)")
         with torch.no_grad():
             weight[torch.tensor(ids)] = tensors[name].to(weight)
-    return torch.tensor(per_layer.get(next(iter(layers)), []))
+    return torch.tensor(per_layer.get(next(iter(layers)), [])), {f"{hf}.{TOKEN_VALUES}" for hf in per_layer}
 
 
 def _demo():
