@@ -236,7 +236,8 @@ def test_peft_puts_our_trained_token_rows_on_the_grown_export(tmp_path, case):
     with pytest.raises(ValueError, match=f"up to token {V + 1}"):
         load_adapter(base, tmp_path / "adapter")  # not grown: the new tokens' rows have nowhere to go
     if untied:  # rows of the head in the file that trainable_token_indices does not name: refused, not dropped
-        (tmp_path / "adapter" / ADAPTER_CONFIG).write_text(json.dumps({**config, "trainable_token_indices": ids}))
+        (tmp_path / "adapter" / ADAPTER_CONFIG).write_text(json.dumps({**config, "trainable_token_indices": ids}),
+                                                          encoding="utf-8")
         with pytest.raises(ValueError, match="lm_head.token_adapter"):
             load_adapter(grow_vocab(base, V + 2), tmp_path / "adapter")
 
